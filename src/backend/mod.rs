@@ -1,0 +1,57 @@
+//! Backends carry updates between instances: they store each accepted update durably and feed
+//! every update, from any instance, into the local [`Hub`].
+//!
+//! HTTP code only sees [`Backend`]; which implementation runs is decided once, at start-up.
+
+pub mod memory;
+pub mod nats;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use crate::config::{BackendKind, Config};
+use crate::domain::Update;
+use crate::hub::Hub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend is not connected; nothing was sent.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend was asked but did not confirm storing the update.
+    #[error("backend did not confirm the update: {0}")]
+    NotAcknowledged(String),
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// Stores `update` durably. Resolves `Ok` only once the update is stored, so that an HTTP
+    /// `200` is never sent for an update that could be lost. Publishing the same update twice
+    /// must store it once.
+    fn publish(&self, update: Update) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Whether the backend is connected and has loaded the newest updates. Reads local state
+    /// only, so probes generate no backend traffic.
+    fn is_ready(&self) -> bool;
+
+    /// Resolves once [`Backend::is_ready`] first becomes true.
+    fn ready(&self) -> BoxFuture<'_, ()>;
+
+    /// A one-line description for logs and `STATUS=` (never credentials).
+    fn describe(&self) -> String;
+
+    /// Stops background work and flushes what is in flight.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Builds the configured backend; it starts feeding `hub` at once and connects in the background.
+pub async fn start(
+    config: &Config,
+    hub: Arc<Hub>,
+    log: &slog::Logger,
+) -> crate::Result<Arc<dyn Backend>> {
+    Ok(match config.backend {
+        BackendKind::Memory => Arc::new(memory::MemoryBackend::new(hub)),
+        BackendKind::Nats => Arc::new(nats::NatsBackend::start(&config.nats, hub, log).await?),
+    })
+}

@@ -1,0 +1,357 @@
+//! The NATS JetStream backend.
+//!
+//! Every environment is a subject `flagsmith.environment.<key>` in one stream that keeps the
+//! last message per subject for the retention window. Publishing waits for the JetStream ack.
+//!
+//! Each instance reads the stream through exactly one ordered consumer, whatever its number of
+//! subscribers: it starts with the last message of every subject and then follows new ones,
+//! feeding the hub. The ordered consumer recreates itself after a gap or a reconnect, resuming
+//! from the last stream sequence it delivered, so the newest value of an environment is never
+//! skipped: with one message per subject, the newest one is always at or after that sequence.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, FutureExt};
+use slog::{Logger, debug, error, info, warn};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendError};
+use crate::config::{NatsConfig, NatsStorage};
+use crate::domain::{EnvironmentKey, Update, UpdatedAt};
+use crate::hub::Hub;
+
+/// Subjects of all environments; one token per environment key follows the prefix.
+pub const SUBJECT_PREFIX: &str = "flagsmith.environment.";
+const SUBJECTS: &str = "flagsmith.environment.>";
+/// Retries of the same update within this window are stored once.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+pub struct NatsBackend {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    /// True once the consumer has delivered every update that existed when it started.
+    synced: watch::Receiver<bool>,
+    stop: CancellationToken,
+    follower: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    servers: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot use NATS url {url:?}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl NatsBackend {
+    /// Connects in the background (the service starts while NATS is down) and starts the
+    /// consumer, which ensures the stream as soon as NATS answers.
+    pub async fn start(config: &NatsConfig, hub: Arc<Hub>, log: &Logger) -> crate::Result<Self> {
+        let log = log.new(slog::o!("backend" => "nats"));
+        let events_log = log.clone();
+        let mut options = async_nats::ConnectOptions::new()
+            .name("flagsmith-sse")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let log = events_log.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => info!(log, "nats connected"),
+                        async_nats::Event::Disconnected => warn!(log, "nats disconnected"),
+                        other => info!(log, "nats event"; "event" => %other),
+                    }
+                }
+            });
+        if let Some(path) = &config.credentials_file {
+            options =
+                options
+                    .credentials_file(path)
+                    .await
+                    .map_err(|source| NatsError::Credentials {
+                        path: path.clone(),
+                        source,
+                    })?;
+        }
+        let client = options
+            .connect(config.url.as_str())
+            .await
+            .map_err(|source| NatsError::Connect {
+                url: redact_url(&config.url),
+                source,
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        let (synced_tx, synced) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let follower = Follower {
+            jetstream: jetstream.clone(),
+            stream_config: stream_config(config, hub.retention()),
+            hub,
+            synced: synced_tx,
+            log: log.clone(),
+        };
+        let task = tokio::spawn(follower.run(stop.clone()));
+        Ok(Self {
+            client,
+            jetstream,
+            synced,
+            stop,
+            follower: tokio::sync::Mutex::new(Some(task)),
+            servers: redact_url(&config.url),
+        })
+    }
+}
+
+impl Backend for NatsBackend {
+    fn publish(&self, update: Update) -> BoxFuture<'_, Result<(), BackendError>> {
+        async move {
+            // Queuing a publish while disconnected would only end in a timeout; answer now.
+            if self.client.connection_state() != State::Connected {
+                return Err(BackendError::Unavailable("not connected to NATS".into()));
+            }
+            let message = PublishMessage::build()
+                .payload(update.payload().into())
+                .message_id(update.message_id());
+            let subject = format!("{SUBJECT_PREFIX}{}", update.key);
+            let ack = self
+                .jetstream
+                .send_publish(subject, message)
+                .await
+                .map_err(|err| BackendError::NotAcknowledged(err.to_string()))?;
+            ack.await
+                .map_err(|err| BackendError::NotAcknowledged(err.to_string()))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.client.connection_state() == State::Connected && *self.synced.borrow()
+    }
+
+    fn ready(&self) -> BoxFuture<'_, ()> {
+        let mut synced = self.synced.clone();
+        async move {
+            // The sender lives as long as the follower task, which only ends on close().
+            let _ = synced.wait_for(|synced| *synced).await;
+        }
+        .boxed()
+    }
+
+    fn describe(&self) -> String {
+        format!("nats jetstream at {}", self.servers)
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            self.stop.cancel();
+            if let Some(task) = self.follower.lock().await.take() {
+                let _ = task.await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        }
+        .boxed()
+    }
+}
+
+fn stream_config(config: &NatsConfig, retention: Duration) -> stream::Config {
+    stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![SUBJECTS.to_owned()],
+        max_messages_per_subject: 1,
+        max_age: retention,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: match config.storage {
+            NatsStorage::File => stream::StorageType::File,
+            NatsStorage::Memory => stream::StorageType::Memory,
+        },
+        num_replicas: config.replicas,
+        ..Default::default()
+    }
+}
+
+/// Reads the stream into the hub through one ordered consumer, for the life of the backend.
+struct Follower {
+    jetstream: jetstream::Context,
+    stream_config: stream::Config,
+    hub: Arc<Hub>,
+    synced: watch::Sender<bool>,
+    log: Logger,
+}
+
+impl Follower {
+    async fn run(self, stop: CancellationToken) {
+        let mut last_sequence = None;
+        let mut delay = RETRY_MIN;
+        loop {
+            let attempt = self.follow(&mut last_sequence, &mut delay);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = attempt => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Ensures the stream, then consumes it until the consumer fails for good.
+    async fn follow(&self, last_sequence: &mut Option<u64>, delay: &mut Duration) {
+        let mut stream = match self
+            .jetstream
+            .create_or_update_stream(self.stream_config.clone())
+            .await
+        {
+            Ok(_) => match self.jetstream.get_stream(&self.stream_config.name).await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    warn!(self.log, "cannot open stream"; "error" => %err);
+                    return;
+                }
+            },
+            Err(err) => {
+                warn!(self.log, "cannot ensure stream"; "stream" => &self.stream_config.name, "error" => %err);
+                return;
+            }
+        };
+        // A stream that was recreated empty restarts its sequences; resuming from our old
+        // position would skip everything published since.
+        if let (Some(seen), Ok(info)) = (*last_sequence, stream.info().await)
+            && info.state.last_sequence < seen
+        {
+            warn!(self.log, "stream was reset; reloading"; "last_seen" => seen, "stream_last" => info.state.last_sequence);
+            *last_sequence = None;
+        }
+        let deliver_policy = match *last_sequence {
+            None => consumer::DeliverPolicy::LastPerSubject,
+            Some(sequence) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: sequence + 1,
+            },
+        };
+        let consumer = match stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: SUBJECTS.to_owned(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(consumer) => consumer,
+            Err(err) => {
+                warn!(self.log, "cannot create consumer"; "error" => %err);
+                return;
+            }
+        };
+        if consumer.cached_info().num_pending == 0 {
+            self.mark_synced();
+        }
+        let mut messages = match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(err) => {
+                warn!(self.log, "cannot start consumer"; "error" => %err);
+                return;
+            }
+        };
+        info!(self.log, "following stream"; "stream" => &self.stream_config.name, "from" => ?last_sequence);
+        *delay = RETRY_MIN;
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(err) => {
+                    error!(self.log, "consumer failed"; "error" => %err);
+                    return;
+                }
+            };
+            let Ok(info) = message.info() else {
+                warn!(self.log, "message without jetstream metadata"; "subject" => %message.subject);
+                continue;
+            };
+            *last_sequence = Some(info.stream_sequence);
+            let stored_at = SystemTime::from(info.published);
+            let pending = info.pending;
+            match parse_message(&message.subject, &message.payload) {
+                Ok(update) => {
+                    if self.hub.apply(&update, stored_at) {
+                        debug!(self.log, "update"; "env" => %update.key, "updated_at" => %update.updated_at);
+                    }
+                }
+                Err(reason) => {
+                    warn!(self.log, "ignoring malformed message"; "subject" => %message.subject, "reason" => reason)
+                }
+            }
+            if pending == 0 {
+                self.mark_synced();
+            }
+        }
+        warn!(self.log, "consumer ended");
+    }
+
+    fn mark_synced(&self) {
+        self.synced
+            .send_if_modified(|synced| !std::mem::replace(synced, true));
+    }
+}
+
+fn parse_message(subject: &str, payload: &[u8]) -> Result<Update, String> {
+    let key = subject
+        .strip_prefix(SUBJECT_PREFIX)
+        .ok_or_else(|| "subject outside the stream's prefix".to_owned())?;
+    let key = EnvironmentKey::parse(key).map_err(|err| err.to_string())?;
+    let updated_at = UpdatedAt::from_body(payload).map_err(|err| err.to_string())?;
+    Ok(Update { key, updated_at })
+}
+
+/// `nats://user:secret@host` → `nats://user:***@host`, for logs and status lines.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_reach_logs() {
+        assert_eq!(
+            redact_url("nats://user:pw@a:4222,tls://tok@b"),
+            "nats://***@a:4222,tls://***@b"
+        );
+        assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
+    }
+
+    #[test]
+    fn messages_become_updates() {
+        let update =
+            parse_message("flagsmith.environment.abc", br#"{"updated_at": 12.5}"#).unwrap();
+        assert_eq!(update.key.as_str(), "abc");
+        assert_eq!(update.updated_at.to_string(), "12.5");
+        assert!(parse_message("other.abc", br#"{"updated_at": 1}"#).is_err());
+        assert!(parse_message("flagsmith.environment.abc", b"{}").is_err());
+    }
+}

@@ -1,0 +1,540 @@
+//! Configuration, layered with figment; later layers win:
+//!
+//! 1. built-in defaults ([`Config::default`]);
+//! 2. TOML files (`--config`, or `/etc/flagsmith-sse/config.toml` when it exists);
+//! 3. `FLAGSMITH_SSE_*` environment variables, nested keys joined by `__`
+//!    (`FLAGSMITH_SSE_NATS__URL`);
+//! 4. the variable names of the `flagsmith/sse` image this service replaces (`NATS_URL`,
+//!    `LISTEN_ADDR`, `SSE_AUTHENTICATION_TOKEN`, `MAX_STREAM_AGE`, `STREAM_DELAY`).
+//!
+//! Unknown keys and bad values stop start-up with a message naming the key and where it came
+//! from; [`Config::validate`] adds the checks serde cannot express.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Read when no `--config` is given and the file exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flagsmith-sse/config.toml";
+/// Prefix of this service's own environment variables.
+pub const ENV_PREFIX: &str = "FLAGSMITH_SSE_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the listener for streams, publishes and health. Default `0.0.0.0:8088`.
+    /// `:8088` means all IPv4 interfaces. Legacy variable: `LISTEN_ADDR`.
+    pub listen: ListenAddr,
+    /// Token Flagsmith's task processor sends as `Authorization: Token <token>`. Prefer
+    /// `authentication_token_file`. Legacy variable: `SSE_AUTHENTICATION_TOKEN`.
+    pub authentication_token: Option<Secret>,
+    /// File holding the token (a trailing newline is ignored); re-read on SIGHUP, so tokens
+    /// rotate without a restart. Works with systemd credentials (`$CREDENTIALS_DIRECTORY`).
+    pub authentication_token_file: Option<PathBuf>,
+    /// Where updates are stored and shared: `memory` (one instance, the default) or `nats`.
+    /// Setting `NATS_URL` selects `nats`.
+    pub backend: BackendKind,
+    /// Seconds after which a stream ends cleanly so the client reconnects. Default 30; `0`
+    /// keeps streams open forever. Legacy variable: `MAX_STREAM_AGE` (negative = endless).
+    pub max_stream_age: Seconds,
+    /// Fraction of `max_stream_age` by which a stream may end earlier, chosen at random per
+    /// stream so that a fleet's clients do not reconnect in waves. Default 0.1.
+    pub max_stream_age_jitter: f64,
+    /// Seconds without a write after which a stream gets a `: ping` comment. Default 15.
+    pub keepalive_interval: Seconds,
+    /// Seconds an update stays known, to be sent first to new subscribers. Default 3600; also
+    /// the NATS stream's `max_age`.
+    pub retention: Seconds,
+    /// Most concurrent streams; beyond it, new streams get `503` with `Retry-After`.
+    /// Default 200000.
+    pub max_streams: usize,
+    /// Seconds a `queue-change` may wait for the backend before answering `503`. Default 1.5;
+    /// must stay below Flagsmith's 2 s client timeout.
+    pub publish_timeout: Seconds,
+    pub nats: NatsConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ListenAddr(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::UNSPECIFIED,
+                8088,
+            ))),
+            authentication_token: None,
+            authentication_token_file: None,
+            backend: BackendKind::Memory,
+            max_stream_age: Seconds(30.0),
+            max_stream_age_jitter: 0.1,
+            keepalive_interval: Seconds(15.0),
+            retention: Seconds(3600.0),
+            max_streams: 200_000,
+            publish_timeout: Seconds(1.5),
+            nats: NatsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Memory,
+    Nats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL, or several separated by commas. Default `nats://127.0.0.1:4222`.
+    /// Legacy variable: `NATS_URL`.
+    pub url: String,
+    /// JetStream stream holding the updates. Default `environments-stream`, the name
+    /// Flagsmith's own service uses, so both can share a NATS during a migration.
+    pub stream: String,
+    /// `file` (default) or `memory`.
+    pub storage: NatsStorage,
+    /// Stream replicas: 1 (default) on a single server, 3 on a cluster.
+    pub replicas: usize,
+    /// NATS credentials (`.creds`) file, for servers that require authentication.
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            stream: "environments-stream".to_owned(),
+            storage: NatsStorage::File,
+            replicas: 1,
+            credentials_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsStorage {
+    File,
+    Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Seconds over which open streams are ended after SIGTERM, each at a random moment, so
+    /// that clients reconnect to other instances gradually. Default 10.
+    pub drain_period: Seconds,
+    /// Seconds after SIGTERM when the process exits even if connections remain. Default 20;
+    /// at least `drain_period`.
+    pub timeout: Seconds,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_period: Seconds(10.0),
+            timeout: Seconds(20.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `auto` (default: terminal when stderr is a terminal, JSON otherwise), `json` or
+    /// `terminal`.
+    pub format: LogFormat,
+    /// `critical`, `error`, `warning`, `info` (default), `debug` or `trace`.
+    pub level: LogLevel,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: LogLevel::Info,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Terminal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Critical,
+    Error,
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl From<LogLevel> for slog::Level {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Critical => slog::Level::Critical,
+            LogLevel::Error => slog::Level::Error,
+            LogLevel::Warning => slog::Level::Warning,
+            LogLevel::Info => slog::Level::Info,
+            LogLevel::Debug => slog::Level::Debug,
+            LogLevel::Trace => slog::Level::Trace,
+        }
+    }
+}
+
+/// A non-negative, finite number of seconds; integers and fractions are both accepted.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
+#[serde(transparent)]
+pub struct Seconds(f64);
+
+impl Seconds {
+    pub fn new(seconds: f64) -> Option<Self> {
+        (seconds.is_finite() && seconds >= 0.0).then_some(Self(seconds))
+    }
+
+    pub fn duration(self) -> Duration {
+        Duration::from_secs_f64(self.0)
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == 0.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let seconds = f64::deserialize(deserializer)?;
+        Seconds::new(seconds).ok_or_else(|| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Float(seconds),
+                &"a non-negative number of seconds",
+            )
+        })
+    }
+}
+
+/// A listen address: `host:port`, `[v6]:port`, or `:port` for all IPv4 interfaces (the form
+/// the replaced image's `LISTEN_ADDR` used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl std::str::FromStr for ListenAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}").parse().map(ListenAddr),
+            None => text.parse().map(ListenAddr),
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(|_| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&text),
+                &"an address like 0.0.0.0:8088, [::]:8088 or :8088",
+            )
+        })
+    }
+}
+
+/// A secret string: never printed, serialized as `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: String) -> Self {
+        Self(secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Environment values that look like numbers arrive as numbers; a token is still text.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Unsigned(u64),
+            Signed(i64),
+        }
+        Ok(Secret(match Raw::deserialize(deserializer)? {
+            Raw::Text(text) => text,
+            Raw::Unsigned(number) => number.to_string(),
+            Raw::Signed(number) => number.to_string(),
+        }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("{}", list_errors(.0))]
+    Figment(Box<figment::Error>),
+    #[error("invalid `{key}` (from {source_name}): {message}")]
+    Invalid {
+        key: &'static str,
+        source_name: String,
+        message: String,
+    },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        Self::Figment(Box::new(error))
+    }
+}
+
+/// figment collects every error it meets; show them all, one per line.
+fn list_errors(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|error| error.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads every layer. `files` are the `--config` paths; empty means the default path if
+    /// it exists.
+    pub fn load(files: &[PathBuf]) -> Result<Self, ConfigError> {
+        let figment = Self::figment(files)?;
+        let config: Config = figment.extract()?;
+        config.validate(&figment)?;
+        Ok(config)
+    }
+
+    pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if files.is_empty() {
+            if Path::new(DEFAULT_CONFIG_PATH).exists() {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH));
+            }
+        } else {
+            for file in files {
+                if !file.exists() {
+                    return Err(ConfigError::MissingFile(file.clone()));
+                }
+                figment = figment.merge(Toml::file_exact(file));
+            }
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        for variable in LegacyVariable::ALL {
+            figment = figment.merge(variable);
+        }
+        Ok(figment)
+    }
+
+    /// Checks what types alone cannot; errors name the key and the layer it came from.
+    pub fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
+            key,
+            source_name: figment
+                .find_metadata(key)
+                .map(|metadata| metadata.name.to_string())
+                .unwrap_or_else(|| "built-in defaults".to_owned()),
+            message: message.to_owned(),
+        };
+        match (&self.authentication_token, &self.authentication_token_file) {
+            (None, None) => {
+                return Err(invalid(
+                    "authentication_token_file",
+                    "an authentication token is required: set authentication_token_file \
+                     (or FLAGSMITH_SSE_AUTHENTICATION_TOKEN_FILE), or SSE_AUTHENTICATION_TOKEN",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "authentication_token_file",
+                    "set either authentication_token or authentication_token_file, not both",
+                ));
+            }
+            (Some(token), None) if token.expose().trim().is_empty() => {
+                return Err(invalid("authentication_token", "must not be empty"));
+            }
+            _ => {}
+        }
+        if !(0.0..1.0).contains(&self.max_stream_age_jitter) {
+            return Err(invalid(
+                "max_stream_age_jitter",
+                "must be a fraction from 0 up to (not including) 1",
+            ));
+        }
+        if self.keepalive_interval.is_zero() {
+            return Err(invalid("keepalive_interval", "must be more than 0 seconds"));
+        }
+        if self.retention.is_zero() {
+            return Err(invalid("retention", "must be more than 0 seconds"));
+        }
+        if self.publish_timeout.is_zero()
+            || self.publish_timeout.duration() >= Duration::from_secs(2)
+        {
+            return Err(invalid(
+                "publish_timeout",
+                "must be more than 0 and less than 2 seconds, Flagsmith's request timeout",
+            ));
+        }
+        if self.max_streams == 0 {
+            return Err(invalid("max_streams", "must be at least 1"));
+        }
+        if self.shutdown.timeout < self.shutdown.drain_period {
+            return Err(invalid(
+                "shutdown.timeout",
+                "must be at least shutdown.drain_period",
+            ));
+        }
+        if self.backend == BackendKind::Nats {
+            if self.nats.url.trim().is_empty() {
+                return Err(invalid("nats.url", "must not be empty"));
+            }
+            if self.nats.stream.is_empty()
+                || self
+                    .nats
+                    .stream
+                    .chars()
+                    .any(|c| !c.is_ascii_graphic() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+            {
+                return Err(invalid(
+                    "nats.stream",
+                    "must be a JetStream stream name (no spaces, '.', '*', '>', '/')",
+                ));
+            }
+            if !(1..=5).contains(&self.nats.replicas) {
+                return Err(invalid("nats.replicas", "must be from 1 to 5"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration for the start-up log: secrets redacted.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut shown = self.clone();
+        shown.nats.url = crate::backend::nats::redact_url(&shown.nats.url);
+        serde_json::to_value(shown).unwrap_or_default()
+    }
+}
+
+/// One variable of the replaced `flagsmith/sse` image, mapped onto our keys. Each is its own
+/// provider so that errors name the exact variable.
+#[derive(Debug, Clone, Copy)]
+enum LegacyVariable {
+    NatsUrl,
+    ListenAddr,
+    AuthenticationToken,
+    MaxStreamAge,
+    StreamDelay,
+    RedisHost,
+}
+
+impl LegacyVariable {
+    const ALL: [LegacyVariable; 6] = [
+        Self::NatsUrl,
+        Self::ListenAddr,
+        Self::AuthenticationToken,
+        Self::MaxStreamAge,
+        Self::StreamDelay,
+        Self::RedisHost,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::NatsUrl => "NATS_URL",
+            Self::ListenAddr => "LISTEN_ADDR",
+            Self::AuthenticationToken => "SSE_AUTHENTICATION_TOKEN",
+            Self::MaxStreamAge => "MAX_STREAM_AGE",
+            Self::StreamDelay => "STREAM_DELAY",
+            Self::RedisHost => "REDIS_HOST",
+        }
+    }
+}
+
+impl Provider for LegacyVariable {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("environment variable `{}`", self.name()))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let Ok(value) = std::env::var(self.name()) else {
+            return Ok(Map::new());
+        };
+        let mut dict = Dict::new();
+        match self {
+            Self::NatsUrl => {
+                // As in the replaced image, naming a NATS server is what selects NATS.
+                dict.insert("backend".into(), Value::from("nats"));
+                let mut nats = Dict::new();
+                nats.insert("url".into(), Value::from(value));
+                dict.insert("nats".into(), Value::from(nats));
+            }
+            Self::ListenAddr => {
+                dict.insert("listen".into(), Value::from(value));
+            }
+            Self::AuthenticationToken => {
+                dict.insert("authentication_token".into(), Value::from(value));
+            }
+            Self::MaxStreamAge => {
+                let age = match value.trim().parse::<f64>() {
+                    Ok(age) if age < 0.0 => Value::from(0.0),
+                    Ok(age) => Value::from(age),
+                    // Left as text, the type check reports it with this variable's name.
+                    Err(_) => Value::from(value),
+                };
+                dict.insert("max_stream_age".into(), age);
+            }
+            // Pushing needs no polling delay; accepted so existing deployments start unchanged.
+            Self::StreamDelay => {}
+            Self::RedisHost => {
+                return Err(figment::Error::from(
+                    "REDIS_HOST is set, but this version has no Redis backend yet; \
+                     use NATS_URL, or unset REDIS_HOST for the in-process backend"
+                        .to_owned(),
+                ));
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}

@@ -1,0 +1,283 @@
+//! The domain: environment keys, update timestamps and the event they become on the wire.
+//!
+//! Everything that crosses the edge (a URL path segment, a `queue-change` body, a NATS payload)
+//! is parsed into these types once; the rest of the crate never sees raw strings.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use time::format_description::well_known::Iso8601;
+use time::{OffsetDateTime, PrimitiveDateTime};
+
+/// Name of the one event this service emits; the JS, Kotlin and Flutter SDKs ignore unnamed events.
+pub const EVENT_NAME: &str = "environment_updated";
+
+/// Longest accepted environment key. Flagsmith's keys are 22 characters; the bound keeps hostile
+/// keys from inflating memory and NATS subjects.
+pub const MAX_KEY_LEN: usize = 128;
+
+/// A validated environment key: non-empty, at most [`MAX_KEY_LEN`] bytes, printable ASCII, and
+/// safe as exactly one NATS subject token (no `.`, `*`, `>`).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EnvironmentKey(Arc<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("environment key is empty")]
+    Empty,
+    #[error("environment key is longer than {MAX_KEY_LEN} characters")]
+    TooLong,
+    #[error("environment key contains {0:?}, which is not allowed")]
+    InvalidCharacter(char),
+}
+
+impl EnvironmentKey {
+    pub fn parse(raw: &str) -> Result<Self, KeyError> {
+        if raw.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if raw.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong);
+        }
+        if let Some(bad) = raw
+            .chars()
+            .find(|c| !c.is_ascii_graphic() || matches!(c, '.' | '*' | '>'))
+        {
+            return Err(KeyError::InvalidCharacter(bad));
+        }
+        Ok(Self(Arc::from(raw)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EnvironmentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EnvironmentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// The latest change time of an environment, in Unix seconds.
+///
+/// Flagsmith's API sends ISO 8601 strings, older docs and benchmarks send numbers; SDKs need a
+/// float that always has a `.` (Flutter drops integers), so both become this one type.
+#[derive(Clone, Copy, PartialEq, PartialOrd)]
+pub struct UpdatedAt(f64);
+
+/// 9999-12-31T23:59:59Z, the end of the range ISO 8601 strings can express without extensions.
+const MAX_UNIX_SECONDS: f64 = 253_402_300_799.0;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TimestampError {
+    #[error("updated_at must be an ISO 8601 date-time or a number of Unix seconds")]
+    WrongType,
+    #[error("updated_at {0:?} is not an ISO 8601 date-time")]
+    NotIso8601(String),
+    #[error("updated_at {0} is outside 1970-01-01 .. 9999-12-31")]
+    OutOfRange(String),
+}
+
+impl UpdatedAt {
+    pub fn from_unix_seconds(seconds: f64) -> Result<Self, TimestampError> {
+        if seconds.is_finite() && (0.0..=MAX_UNIX_SECONDS).contains(&seconds) {
+            Ok(Self(seconds))
+        } else {
+            Err(TimestampError::OutOfRange(seconds.to_string()))
+        }
+    }
+
+    /// Parses an ISO 8601 date-time; one without an offset (Flagsmith's older, naive form) is UTC.
+    pub fn parse_iso8601(text: &str) -> Result<Self, TimestampError> {
+        let instant = OffsetDateTime::parse(text, &Iso8601::DEFAULT)
+            .or_else(|_| {
+                PrimitiveDateTime::parse(text, &Iso8601::DEFAULT).map(|naive| naive.assume_utc())
+            })
+            .map_err(|_| TimestampError::NotIso8601(text.to_owned()))?;
+        let nanos = instant.unix_timestamp_nanos();
+        // Whole seconds and the fraction converted separately keep microseconds exact in f64.
+        let seconds =
+            nanos.div_euclid(1_000_000_000) as f64 + nanos.rem_euclid(1_000_000_000) as f64 / 1e9;
+        Self::from_unix_seconds(seconds).map_err(|_| TimestampError::OutOfRange(text.to_owned()))
+    }
+
+    /// Accepts what `updated_at` may hold in a JSON body or payload: a number or an ISO string.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, TimestampError> {
+        match value {
+            serde_json::Value::Number(number) => {
+                let seconds = number.as_f64().ok_or(TimestampError::WrongType)?;
+                Self::from_unix_seconds(seconds)
+            }
+            serde_json::Value::String(text) => Self::parse_iso8601(text),
+            _ => Err(TimestampError::WrongType),
+        }
+    }
+
+    pub fn as_secs_f64(self) -> f64 {
+        self.0
+    }
+}
+
+/// Shortest round-trip decimal form, always with a `.`: `1735229888.76`, `1735229888.0`.
+impl fmt::Display for UpdatedAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // f64's Display never uses exponents, and prints integral values without a point.
+        let text = self.0.to_string();
+        f.write_str(&text)?;
+        if !text.contains('.') {
+            f.write_str(".0")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for UpdatedAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// One accepted change: environment `key` changed at `updated_at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub key: EnvironmentKey,
+    pub updated_at: UpdatedAt,
+}
+
+impl Update {
+    /// The JSON both the SSE `data:` line and the NATS payload carry, with Python's spacing.
+    pub fn payload(&self) -> String {
+        format!("{{\"updated_at\": {}}}", self.updated_at)
+    }
+
+    /// The whole SSE event, written to every subscriber as one chunk.
+    pub fn event_frame(&self) -> Bytes {
+        Bytes::from(format!(
+            "event: {EVENT_NAME}\ndata: {}\nretry: 15000\n\n",
+            self.payload()
+        ))
+    }
+
+    /// Identifies this update for de-duplication: retries of the same update share it.
+    pub fn message_id(&self) -> String {
+        format!("{}:{}", self.key, self.updated_at)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("body must be a JSON object like {{\"updated_at\": ...}}")]
+    NotAnObject,
+    #[error("body has no updated_at")]
+    MissingUpdatedAt,
+    #[error(transparent)]
+    Timestamp(#[from] TimestampError),
+}
+
+impl UpdatedAt {
+    /// Parses the `{"updated_at": ...}` object of `queue-change` bodies and NATS payloads;
+    /// other members are ignored.
+    pub fn from_body(body: &[u8]) -> Result<Self, BodyError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|err| BodyError::NotJson(err.to_string()))?;
+        let object = value.as_object().ok_or(BodyError::NotAnObject)?;
+        let updated_at = object
+            .get("updated_at")
+            .ok_or(BodyError::MissingUpdatedAt)?;
+        Ok(Self::from_json(updated_at)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_must_be_one_subject_token() {
+        assert!(EnvironmentKey::parse("n9fbf9h3v4fFgH3U3ngWhb").is_ok());
+        assert!(EnvironmentKey::parse("ser.abc").is_err());
+        assert_eq!(EnvironmentKey::parse(""), Err(KeyError::Empty));
+        for bad in ["a.b", "a*", "a>", "a b", "a\tb", "a\u{7f}", "é"] {
+            assert!(EnvironmentKey::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            EnvironmentKey::parse(&"k".repeat(MAX_KEY_LEN + 1)),
+            Err(KeyError::TooLong)
+        );
+        assert!(EnvironmentKey::parse(&"k".repeat(MAX_KEY_LEN)).is_ok());
+    }
+
+    #[test]
+    fn timestamps_always_print_a_point() {
+        let whole = UpdatedAt::from_unix_seconds(1735229888.0).unwrap();
+        assert_eq!(whole.to_string(), "1735229888.0");
+        let frac = UpdatedAt::from_unix_seconds(1735229888.76).unwrap();
+        assert_eq!(frac.to_string(), "1735229888.76");
+        assert_eq!(
+            UpdatedAt::from_unix_seconds(0.0).unwrap().to_string(),
+            "0.0"
+        );
+    }
+
+    #[test]
+    fn iso8601_forms_flagsmith_sends() {
+        let cases = [
+            ("2024-12-26T17:27:07.123456+00:00", "1735234027.123456"),
+            ("2024-12-26T17:27:07+00:00", "1735234027.0"),
+            ("2024-12-26T18:27:07.5+01:00", "1735234027.5"),
+            ("2024-12-26T17:27:07.123456Z", "1735234027.123456"),
+            ("2023-01-12T18:06:42.028060", "1673546802.02806"),
+            ("2023-01-12T18:06:42", "1673546802.0"),
+        ];
+        for (text, expected) in cases {
+            let parsed = UpdatedAt::parse_iso8601(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(parsed.to_string(), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_timestamp() {
+        for body in [
+            &br#"{"updated_at": "yesterday"}"#[..],
+            br#"{"updated_at": "1735229888.76"}"#,
+            br#"{"updated_at": true}"#,
+            br#"{"updated_at": null}"#,
+            br#"{"updated_at": -1}"#,
+            br#"{"updated_at": 1e300}"#,
+            br#"{}"#,
+            br#"[1]"#,
+            b"not json",
+        ] {
+            assert!(
+                UpdatedAt::from_body(body).is_err(),
+                "{} accepted",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let number = UpdatedAt::from_body(br#"{"updated_at": 1735229888, "x": 1}"#).unwrap();
+        assert_eq!(number.to_string(), "1735229888.0");
+    }
+
+    #[test]
+    fn event_frame_is_byte_exact() {
+        let update = Update {
+            key: EnvironmentKey::parse("abc").unwrap(),
+            updated_at: UpdatedAt::from_unix_seconds(1735229888.76).unwrap(),
+        };
+        assert_eq!(
+            &update.event_frame()[..],
+            b"event: environment_updated\ndata: {\"updated_at\": 1735229888.76}\nretry: 15000\n\n"
+        );
+        assert_eq!(update.message_id(), "abc:1735229888.76");
+    }
+}

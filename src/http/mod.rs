@@ -1,0 +1,272 @@
+//! The HTTP API of SPEC §1: warp filters for the routes, plus the glue warp 0.4 leaves to us.
+//!
+//! warp routes every request and builds every response, but it cannot carry a custom streaming
+//! body: the stream route hands its [`stream::Subscription`] back in the response's extensions
+//! and [`service`] swaps it for the [`stream::SseBody`] that writes the events.
+
+pub mod health;
+pub mod publish;
+pub mod serve;
+pub mod stream;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Either;
+use tokio_util::sync::CancellationToken;
+use warp::{Filter, Rejection, Reply};
+
+use crate::auth::Authenticator;
+use crate::backend::Backend;
+use crate::hub::Hub;
+
+/// Everything the handlers share.
+pub struct State {
+    pub hub: Arc<Hub>,
+    pub backend: Arc<dyn Backend>,
+    pub auth: Arc<Authenticator>,
+    pub streams: stream::StreamSettings,
+    pub admission: stream::Admission,
+    pub publish_timeout: Duration,
+    /// Fires when shutdown begins: streams start ending and readiness turns 503.
+    pub draining: CancellationToken,
+    pub log: slog::Logger,
+}
+
+/// All routes, with errors as JSON and CORS on every response.
+pub fn routes(
+    state: Arc<State>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
+{
+    stream::route(state.clone())
+        .or(publish::route(state.clone()))
+        .or(health::routes(state))
+        .or(preflight())
+        .recover(handle_rejection)
+        .with(warp::reply::with::header(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            "*",
+        ))
+        .map(Reply::into_response)
+}
+
+/// Names the body type of warp's responses, which warp 0.4 keeps private.
+pub trait ResponseBody {
+    type Body;
+}
+
+impl<B> ResponseBody for Response<B> {
+    type Body = B;
+}
+
+pub type WarpBody = <warp::reply::Response as ResponseBody>::Body;
+
+pub(crate) fn with_state(
+    state: Arc<State>,
+) -> impl Filter<Extract = (Arc<State>,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// Answers CORS preflight requests for every path, allowing any origin and requested header.
+fn preflight() -> impl Filter<Extract = (Response<String>,), Error = Rejection> + Clone {
+    warp::options()
+        .and(warp::header::optional::<String>(
+            header::ACCESS_CONTROL_REQUEST_HEADERS.as_str(),
+        ))
+        .map(|requested: Option<String>| {
+            let mut response = Response::new(String::new());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            let allowed = requested
+                .and_then(|requested| HeaderValue::from_str(&requested).ok())
+                .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
+            headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
+            response
+        })
+}
+
+/// Errors the handlers answer with. The status of each is decided in one exhaustive match.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Invalid authorization header")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unavailable(&'static str),
+    #[error("Too many open streams, retry later")]
+    TooManyStreams,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unavailable(_) | ApiError::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Seconds a client should wait before retrying; spread for streams so a shed herd does
+    /// not come back all at once.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::Unauthorized | ApiError::BadRequest(_) => None,
+            ApiError::Unavailable(_) => Some(1),
+            ApiError::TooManyStreams => Some(rand::random_range(1..=10)),
+        }
+    }
+
+    pub fn into_response(self) -> warp::reply::Response {
+        let mut response = json_detail(self.status(), &self.to_string());
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// `{"detail": ...}`, the error shape Flagsmith's API uses.
+pub(crate) fn json_detail(status: StatusCode, detail: &str) -> warp::reply::Response {
+    warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({ "detail": detail })),
+        status,
+    )
+    .into_response()
+}
+
+async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
+    use warp::reject::{LengthRequired, MethodNotAllowed, PayloadTooLarge};
+    let (status, detail) = if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "Not found.".to_owned())
+    } else if rejection.find::<MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed.".to_owned(),
+        )
+    } else if rejection.find::<PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Request body is larger than {} bytes.",
+                publish::MAX_BODY_BYTES
+            ),
+        )
+    } else if rejection.find::<LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "A Content-Length header is required.".to_owned(),
+        )
+    } else {
+        (StatusCode::BAD_REQUEST, format!("{rejection:?}"))
+    };
+    Ok(json_detail(status, &detail))
+}
+
+/// The hyper service for one connection: warp's routes, with `//sse/...` paths accepted (the
+/// Flagsmith API joins URLs by string concatenation) and subscriptions turned into SSE bodies.
+pub fn service<F>(
+    routes: F,
+) -> impl hyper::service::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response<Either<WarpBody, stream::SseBody>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        collapse_slashes(request.uri_mut());
+        let mut routes = warp::service(routes.clone());
+        async move {
+            let response = tower_service_call(&mut routes, request).await?;
+            Ok(stream::attach_body(response))
+        }
+    })
+}
+
+async fn tower_service_call<S>(
+    service: &mut S,
+    request: Request<hyper::body::Incoming>,
+) -> Result<warp::reply::Response, Infallible>
+where
+    S: tower_service::Service<
+            Request<hyper::body::Incoming>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        >,
+{
+    service.call(request).await
+}
+
+/// `//sse//environments/x/stream` → `/sse/environments/x/stream`.
+fn collapse_slashes(uri: &mut Uri) {
+    if !uri.path().contains("//") {
+        return;
+    }
+    let mut path = String::with_capacity(uri.path().len());
+    for (index, segment) in uri.path().split('/').enumerate() {
+        if index == 0 || !segment.is_empty() {
+            if index > 0 {
+                path.push('/');
+            }
+            path.push_str(segment);
+        }
+    }
+    if uri.path().ends_with('/') && !path.ends_with('/') {
+        path.push('/');
+    }
+    if let Some(query) = uri.query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    let mut parts = uri.clone().into_parts();
+    if let Ok(path_and_query) = path.parse() {
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(collapsed) = Uri::from_parts(parts) {
+            *uri = collapsed;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubled_slashes_collapse() {
+        for (raw, expected) in [
+            ("//sse/environments/a/stream", "/sse/environments/a/stream"),
+            (
+                "/sse//environments/a/stream?x=1",
+                "/sse/environments/a/stream?x=1",
+            ),
+            ("//health/liveness/", "/health/liveness/"),
+            ("/livez", "/livez"),
+        ] {
+            let mut uri: Uri = raw.parse().unwrap();
+            collapse_slashes(&mut uri);
+            assert_eq!(uri.to_string(), expected, "{raw}");
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The `flagsmith-sse` daemon: parse the command line, load the configuration, build the
+//! logger, bind, and hand over to [`flagsmith_sse::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use flagsmith_sse::{Config, Control, Listeners, logging};
+use slog::{crit, info, warn};
+
+/// Real-time Flagsmith flag updates over Server-Sent Events.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file; repeat to layer several. Default:
+    /// /etc/flagsmith-sse/config.toml when it exists.
+    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    config: Vec<PathBuf>,
+    /// Validate the configuration (files and environment) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("flagsmith-sse: configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    let (log, _flush_on_exit) = logging::build(&config.log);
+
+    // Every subscriber is a socket: take all the file descriptors the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(log, "open files limit"; "soft" => limit),
+        Err(err) => warn!(log, "cannot raise the open files limit"; "error" => %err),
+    }
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            crit!(log, "cannot start the runtime"; "error" => %err);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let addr = config.listen.0;
+        let public = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| flagsmith_sse::Error::Bind { addr, source })?;
+        let control = Control::from_signals(&log).map_err(flagsmith_sse::Error::Signals)?;
+        flagsmith_sse::run(config, Listeners { public }, control, log.clone()).await
+    });
+    // Connections still open after the shutdown timeout are dropped with the runtime.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            crit!(log, "fatal"; "error" => %err);
+            ExitCode::FAILURE
+        }
+    }
+}
