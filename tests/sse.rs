@@ -1,0 +1,267 @@
+//! The stream endpoint, byte for byte: what SDKs and browsers see on the wire.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    Chunk, Service, SseClient, body_at, event, seconds, test_config, text, updated_at_of,
+};
+
+#[tokio::test]
+async fn stream_headers_are_what_sdks_and_proxies_need() {
+    let service = Service::start_ready(test_config()).await;
+    let client = service.subscribe("env").await;
+    assert_eq!(client.status, 200);
+    assert_eq!(client.header("content-type"), Some("text/event-stream"));
+    assert_eq!(client.header("cache-control"), Some("no-cache"));
+    assert_eq!(client.header("x-accel-buffering"), Some("no"));
+    assert_eq!(client.header("access-control-allow-origin"), Some("*"));
+    assert!(client.chunked, "HTTP/1.1 bodies must be chunked");
+    assert_eq!(client.header("content-length"), None);
+}
+
+#[tokio::test]
+async fn each_update_is_one_chunk_with_the_exact_event() {
+    let service = Service::start_ready(test_config()).await;
+    let mut client = service.subscribe("env").await;
+    let (status, _) = service
+        .publish(
+            "env",
+            r#"{"updated_at": "2024-12-26T17:27:07.123456+00:00"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(client.next_data().await, event("1735234027.123456"));
+
+    // Whole seconds still carry a point: Flutter drops integers.
+    service
+        .publish("env", r#"{"updated_at": 1735234028}"#)
+        .await;
+    assert_eq!(client.next_data().await, event("1735234028.0"));
+}
+
+#[tokio::test]
+async fn newest_known_update_comes_first_on_connect() {
+    let service = Service::start_ready(test_config()).await;
+    service.publish("env", &body_at(100.25)).await;
+    service.publish("env", &body_at(200.5)).await;
+    let mut client = service.subscribe("env").await;
+    assert_eq!(client.next_data().await, event("200.5"));
+}
+
+#[tokio::test]
+async fn unknown_environment_gets_200_and_only_keepalives() {
+    let mut config = test_config();
+    config.keepalive_interval = seconds(0.2);
+    let service = Service::start_ready(config).await;
+    let mut client = service.subscribe("nobody-publishes-here").await;
+    assert_eq!(client.status, 200);
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(client.next_data().await, b": ping\n\n");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(550));
+}
+
+#[tokio::test]
+async fn keepalive_is_sent_only_after_a_quiet_interval() {
+    let mut config = test_config();
+    config.keepalive_interval = seconds(0.5);
+    let service = Service::start_ready(config).await;
+    let mut client = service.subscribe("env").await;
+    // Events every 200 ms keep the stream busy: no ping in between.
+    for step in 1..=5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        service.publish("env", &body_at(f64::from(step))).await;
+        assert_eq!(
+            text(&client.next_data().await),
+            text(&event(&format!("{step}.0")))
+        );
+    }
+    assert_eq!(client.next_data().await, b": ping\n\n");
+}
+
+#[tokio::test]
+async fn streams_end_cleanly_after_max_stream_age_with_a_short_retry() {
+    let mut config = test_config();
+    config.max_stream_age = seconds(0.6);
+    config.max_stream_age_jitter = 0.5;
+    let service = Service::start_ready(config).await;
+    let mut lifetimes = Vec::new();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let mut client = service.subscribe("env").await;
+        assert_eq!(client.next_data().await, b"retry: 1000\n\n");
+        assert!(matches!(
+            client.next_chunk_within(Duration::from_secs(5)).await,
+            Some(Chunk::End)
+        ));
+        lifetimes.push(started.elapsed());
+    }
+    for lifetime in &lifetimes {
+        assert!(
+            *lifetime >= Duration::from_millis(290) && *lifetime < Duration::from_millis(900),
+            "lifetime {lifetime:?} outside 0.3..0.6 s (+ slack)"
+        );
+    }
+    let spread =
+        lifetimes.iter().max().unwrap().as_millis() - lifetimes.iter().min().unwrap().as_millis();
+    assert!(spread > 10, "jitter should vary lifetimes: {lifetimes:?}");
+}
+
+#[tokio::test]
+async fn zero_max_stream_age_keeps_streams_open() {
+    let mut config = test_config();
+    config.max_stream_age = seconds(0.0);
+    config.keepalive_interval = seconds(0.3);
+    let service = Service::start_ready(config).await;
+    let mut client = service.subscribe("env").await;
+    // Well past the default lifetime of the other tests: only keep-alives, never an end.
+    for _ in 0..5 {
+        assert_eq!(client.next_data().await, b": ping\n\n");
+    }
+}
+
+#[tokio::test]
+async fn any_accept_header_query_and_doubled_slash_work() {
+    let service = Service::start_ready(test_config()).await;
+    service.publish("env", &body_at(5.5)).await;
+    for (path, headers) in [
+        (
+            "/sse/environments/env/stream",
+            vec![("Accept", "application/json, text/event-stream")],
+        ),
+        (
+            "/sse/environments/env/stream",
+            vec![("Accept", "text/html")],
+        ),
+        ("/sse/environments/env/stream", vec![]),
+        ("//sse/environments/env/stream", vec![]),
+        (
+            "/sse/environments/env/stream?foo=bar&x",
+            vec![("Accept", "*/*")],
+        ),
+    ] {
+        let mut client = SseClient::connect(service.addr, path, &headers).await;
+        assert_eq!(client.status, 200, "{path} {headers:?}");
+        assert_eq!(client.next_data().await, event("5.5"), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn preflight_is_answered_for_every_route() {
+    let service = Service::start_ready(test_config()).await;
+    for path in [
+        "/sse/environments/env/stream",
+        "/sse/environments/env/queue-change",
+        "/livez",
+    ] {
+        let client = SseClient::request(
+            service.addr,
+            "OPTIONS",
+            path,
+            &[
+                ("Origin", "https://app.example"),
+                ("Access-Control-Request-Method", "POST"),
+                (
+                    "Access-Control-Request-Headers",
+                    "authorization, content-type, x-custom",
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(client.status, 204, "{path}");
+        assert_eq!(client.header("access-control-allow-origin"), Some("*"));
+        assert!(
+            client
+                .header("access-control-allow-methods")
+                .unwrap()
+                .contains("POST")
+        );
+        assert_eq!(
+            client.header("access-control-allow-headers"),
+            Some("authorization, content-type, x-custom")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_slow_reader_skips_to_the_newest_update() {
+    let service = Service::start_ready(test_config()).await;
+    let mut slow = service.subscribe("env").await;
+    let mut fast = service.subscribe("env").await;
+    for step in 1..=50 {
+        service.publish("env", &body_at(f64::from(step))).await;
+        assert_eq!(fast.next_data().await, event(&format!("{step}.0")));
+    }
+    // The slow reader read nothing meanwhile: it may get any of the updates, but only ever
+    // newer ones, and it must reach the newest.
+    let mut seen = Vec::new();
+    loop {
+        let updated_at = updated_at_of(&slow.next_event().await);
+        seen.push(updated_at);
+        if updated_at == 50.0 {
+            break;
+        }
+    }
+    assert!(seen.windows(2).all(|pair| pair[0] < pair[1]), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_reader_that_never_reads_does_not_delay_others() {
+    let service = Service::start_ready(test_config()).await;
+    // Never read: its socket buffers fill with the events of 2000 updates.
+    let _stuck = service.subscribe("env").await;
+    let mut reader = service.subscribe("env").await;
+    for step in 1..=2000 {
+        service.publish("env", &body_at(f64::from(step))).await;
+        assert_eq!(reader.next_data().await, event(&format!("{step}.0")));
+    }
+}
+
+#[tokio::test]
+async fn streams_beyond_the_cap_get_503_with_retry_after() {
+    let mut config = test_config();
+    config.max_streams = 2;
+    let service = Service::start_ready(config).await;
+    let first = service.subscribe("a").await;
+    let _second = service.subscribe("b").await;
+    let shed = service.subscribe("c").await;
+    assert_eq!(shed.status, 503);
+    let retry_after: u64 = shed.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry_after));
+    assert_eq!(shed.header("access-control-allow-origin"), Some("*"));
+
+    // A closed stream frees its place.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = service.subscribe("c").await;
+        if again.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "place never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn invalid_keys_and_unknown_paths_get_json_errors() {
+    let service = Service::start_ready(test_config()).await;
+    let mut bad = service.subscribe("a.b").await;
+    assert_eq!(bad.status, 400);
+    let body = text(&bad.read_body().await);
+    assert!(body.contains("\"detail\""), "{body}");
+    assert!(body.contains('.'), "{body}");
+
+    let long = "k".repeat(129);
+    assert_eq!(service.subscribe(&long).await.status, 400);
+
+    let mut missing = SseClient::connect(service.addr, "/nope", &[]).await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(
+        text(&missing.read_body().await),
+        r#"{"detail":"Not found."}"#
+    );
+}
