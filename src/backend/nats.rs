@@ -63,6 +63,8 @@ impl NatsBackend {
     pub async fn start(config: &NatsConfig, hub: Arc<Hub>, log: &Logger) -> crate::Result<Self> {
         let log = log.new(slog::o!("backend" => "nats"));
         let events_log = log.clone();
+        let (connected_tx, connected) = watch::channel(false);
+        let connected_tx = Arc::new(connected_tx);
         let mut options = async_nats::ConnectOptions::new()
             .name("flagsmith-sse")
             .retry_on_initial_connect()
@@ -70,10 +72,17 @@ impl NatsBackend {
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let log = events_log.clone();
+                let connected = connected_tx.clone();
                 async move {
                     match event {
-                        async_nats::Event::Connected => info!(log, "nats connected"),
-                        async_nats::Event::Disconnected => warn!(log, "nats disconnected"),
+                        async_nats::Event::Connected => {
+                            info!(log, "nats connected");
+                            connected.send_replace(true);
+                        }
+                        async_nats::Event::Disconnected => {
+                            warn!(log, "nats disconnected");
+                            connected.send_replace(false);
+                        }
                         other => info!(log, "nats event"; "event" => %other),
                     }
                 }
@@ -103,6 +112,7 @@ impl NatsBackend {
             stream_config: stream_config(config, hub.retention()),
             hub,
             synced: synced_tx,
+            connected,
             log: log.clone(),
         };
         let task = tokio::spawn(follower.run(stop.clone()));
@@ -192,11 +202,13 @@ struct Follower {
     stream_config: stream::Config,
     hub: Arc<Hub>,
     synced: watch::Sender<bool>,
+    /// The client's connection, as its events report it.
+    connected: watch::Receiver<bool>,
     log: Logger,
 }
 
 impl Follower {
-    async fn run(self, stop: CancellationToken) {
+    async fn run(mut self, stop: CancellationToken) {
         let mut last_sequence = None;
         let mut delay = RETRY_MIN;
         loop {
@@ -209,12 +221,21 @@ impl Follower {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(RETRY_MAX);
+            delay = (delay * 2).clamp(RETRY_MIN, RETRY_MAX);
         }
     }
 
-    /// Ensures the stream, then consumes it until the consumer fails for good.
-    async fn follow(&self, last_sequence: &mut Option<u64>, delay: &mut Duration) {
+    /// Ensures the stream, then consumes it until the consumer fails for good or the client
+    /// reconnects.
+    async fn follow(&mut self, last_sequence: &mut Option<u64>, delay: &mut Duration) {
+        if self
+            .connected
+            .wait_for(|connected| *connected)
+            .await
+            .is_err()
+        {
+            return;
+        }
         let mut stream = match self
             .jetstream
             .create_or_update_stream(self.stream_config.clone())
@@ -272,11 +293,26 @@ impl Follower {
         };
         info!(self.log, "following stream"; "stream" => &self.stream_config.name, "from" => ?last_sequence);
         *delay = RETRY_MIN;
-        while let Some(message) = messages.next().await {
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                // A restarted server forgets our ephemeral consumer, and missed heartbeats
+                // would take many seconds to tell; start over from our last sequence as soon
+                // as the client is connected again.
+                _ = self.connected.wait_for(|connected| !*connected) => {
+                    info!(self.log, "disconnected, will resume"; "from" => ?last_sequence);
+                    *delay = Duration::ZERO;
+                    return;
+                }
+            };
             let message = match message {
-                Ok(message) => message,
-                Err(err) => {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
                     error!(self.log, "consumer failed"; "error" => %err);
+                    return;
+                }
+                None => {
+                    warn!(self.log, "consumer ended");
                     return;
                 }
             };
@@ -301,7 +337,6 @@ impl Follower {
                 self.mark_synced();
             }
         }
-        warn!(self.log, "consumer ended");
     }
 
     fn mark_synced(&self) {

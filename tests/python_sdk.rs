@@ -1,0 +1,76 @@
+//! The published Flagsmith Python SDK, streaming from this service, sees a flag change within
+//! 1 s of a `queue-change` POST carrying an ISO 8601 timestamp, as Flagsmith's task processor
+//! sends it. The Python side lives in `tests/python/realtime_sdk_check.py`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+const PYTHON: &str = "python3";
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn describe(output: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        common::text(&output.stdout),
+        common::text(&output.stderr)
+    )
+}
+
+/// A missing SDK fails the test: skipping would let the suite pass without testing anything.
+async fn require_sdk() {
+    let output = Command::new(PYTHON)
+        .args(["-c", "import flagsmith"])
+        .output()
+        .await
+        .unwrap_or_else(|err| panic!("cannot run {PYTHON}: {err}"));
+    assert!(
+        output.status.success(),
+        "the Flagsmith Python SDK is not importable; run \
+         `pip install -r tests/python/requirements.txt`\n{}",
+        describe(&output)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_sees_a_change_within_a_second() {
+    require_sdk().await;
+    let nats = common::NatsServer::start();
+    let service = common::Service::start_ready(common::nats_config(&nats)).await;
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/realtime_sdk_check.py");
+    let run = Command::new(PYTHON)
+        .arg(&script)
+        .args(["--sse-url", &service.url("/"), "--token", common::TOKEN])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(SCRIPT_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} did not finish within {SCRIPT_TIMEOUT:?}",
+                script.display()
+            )
+        })
+        .expect("run the SDK check");
+    let report = describe(&output);
+    assert!(output.status.success(), "SDK check failed\n{report}");
+
+    let stdout = common::text(&output.stdout);
+    let last_line = stdout.lines().last().unwrap_or_default();
+    let result: serde_json::Value = serde_json::from_str(last_line)
+        .unwrap_or_else(|err| panic!("last stdout line is not JSON ({err})\n{report}"));
+    println!("python SDK check: {last_line}");
+    assert_eq!(result["ok"], true, "{report}");
+    let seconds = result["seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no seconds in the result\n{report}"));
+    assert!(seconds < 1.0, "took {seconds} s\n{report}");
+
+    service.stop().await;
+}
