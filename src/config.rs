@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
-use figment::{Figment, Metadata, Profile, Provider};
+use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Read when no `--config` is given and the file exists.
@@ -220,13 +220,30 @@ impl Seconds {
 
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let seconds = f64::deserialize(deserializer)?;
-        Seconds::new(seconds).ok_or_else(|| {
-            serde::de::Error::invalid_value(
-                serde::de::Unexpected::Float(seconds),
-                &"a non-negative number of seconds",
-            )
-        })
+        struct SecondsVisitor;
+
+        impl serde::de::Visitor<'_> for SecondsVisitor {
+            type Value = Seconds;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a non-negative number of seconds")
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, seconds: f64) -> Result<Seconds, E> {
+                Seconds::new(seconds)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Float(seconds), &self))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<Seconds, E> {
+                self.visit_f64(seconds as f64)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<Seconds, E> {
+                self.visit_f64(seconds as f64)
+            }
+        }
+
+        deserializer.deserialize_any(SecondsVisitor)
     }
 }
 
@@ -362,8 +379,15 @@ impl Config {
                 figment = figment.merge(Toml::file_exact(file));
             }
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
-        for variable in LegacyVariable::ALL {
+        // Env parses values ("0123" becomes 123); the token must arrive exactly as written.
+        figment = figment
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .ignore(&["authentication_token"]),
+            )
+            .merge(VerbatimVariable::AuthenticationToken);
+        for variable in VerbatimVariable::LEGACY {
             figment = figment.merge(variable);
         }
         Ok(figment)
@@ -373,10 +397,7 @@ impl Config {
     pub fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
             key,
-            source_name: figment
-                .find_metadata(key)
-                .map(|metadata| metadata.name.to_string())
-                .unwrap_or_else(|| "built-in defaults".to_owned()),
+            source_name: origin(figment, key),
             message: message.to_owned(),
         };
         match (&self.authentication_token, &self.authentication_token_file) {
@@ -390,7 +411,10 @@ impl Config {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "authentication_token_file",
-                    "set either authentication_token or authentication_token_file, not both",
+                    &format!(
+                        "set either it or authentication_token (set by {}), not both",
+                        origin(figment, "authentication_token")
+                    ),
                 ));
             }
             (Some(token), None) if token.expose().trim().is_empty() => {
@@ -424,7 +448,12 @@ impl Config {
         if self.shutdown.timeout < self.shutdown.drain_period {
             return Err(invalid(
                 "shutdown.timeout",
-                "must be at least shutdown.drain_period",
+                &format!(
+                    "{} s must be at least shutdown.drain_period, {} s from {}",
+                    self.shutdown.timeout.0,
+                    self.shutdown.drain_period.0,
+                    origin(figment, "shutdown.drain_period")
+                ),
             ));
         }
         if self.backend == BackendKind::Nats {
@@ -458,23 +487,43 @@ impl Config {
     }
 }
 
-/// One variable of the replaced `flagsmith/sse` image, mapped onto our keys. Each is its own
-/// provider so that errors name the exact variable.
+/// Where `key`'s value came from, for error messages: the file, the exact environment
+/// variable, or the built-in defaults.
+fn origin(figment: &Figment, key: &str) -> String {
+    let Some(metadata) = figment.find_metadata(key) else {
+        return "built-in defaults".to_owned();
+    };
+    match &metadata.source {
+        Some(Source::File(path)) => format!("{} {}", metadata.name, path.display()),
+        Some(Source::Code(_)) => "built-in defaults".to_owned(),
+        _ if metadata.name.contains(ENV_PREFIX) => format!(
+            "environment variable `{ENV_PREFIX}{}`",
+            key.replace('.', "__").to_ascii_uppercase()
+        ),
+        _ => metadata.name.to_string(),
+    }
+}
+
+/// An environment variable read verbatim into one key: the variables of the replaced
+/// `flagsmith/sse` image, and our own token variable. Each is its own provider so that
+/// errors name the exact variable.
 #[derive(Debug, Clone, Copy)]
-enum LegacyVariable {
+enum VerbatimVariable {
+    AuthenticationToken,
     NatsUrl,
     ListenAddr,
-    AuthenticationToken,
+    LegacyAuthenticationToken,
     MaxStreamAge,
     StreamDelay,
     RedisHost,
 }
 
-impl LegacyVariable {
-    const ALL: [LegacyVariable; 6] = [
+impl VerbatimVariable {
+    /// The replaced image's variables; they override everything else.
+    const LEGACY: [VerbatimVariable; 6] = [
         Self::NatsUrl,
         Self::ListenAddr,
-        Self::AuthenticationToken,
+        Self::LegacyAuthenticationToken,
         Self::MaxStreamAge,
         Self::StreamDelay,
         Self::RedisHost,
@@ -482,9 +531,10 @@ impl LegacyVariable {
 
     fn name(self) -> &'static str {
         match self {
+            Self::AuthenticationToken => "FLAGSMITH_SSE_AUTHENTICATION_TOKEN",
             Self::NatsUrl => "NATS_URL",
             Self::ListenAddr => "LISTEN_ADDR",
-            Self::AuthenticationToken => "SSE_AUTHENTICATION_TOKEN",
+            Self::LegacyAuthenticationToken => "SSE_AUTHENTICATION_TOKEN",
             Self::MaxStreamAge => "MAX_STREAM_AGE",
             Self::StreamDelay => "STREAM_DELAY",
             Self::RedisHost => "REDIS_HOST",
@@ -492,7 +542,7 @@ impl LegacyVariable {
     }
 }
 
-impl Provider for LegacyVariable {
+impl Provider for VerbatimVariable {
     fn metadata(&self) -> Metadata {
         Metadata::named(format!("environment variable `{}`", self.name()))
     }
@@ -513,7 +563,7 @@ impl Provider for LegacyVariable {
             Self::ListenAddr => {
                 dict.insert("listen".into(), Value::from(value));
             }
-            Self::AuthenticationToken => {
+            Self::AuthenticationToken | Self::LegacyAuthenticationToken => {
                 dict.insert("authentication_token".into(), Value::from(value));
             }
             Self::MaxStreamAge => {

@@ -58,9 +58,15 @@ pub async fn run(
     let auth = Arc::new(auth::Authenticator::from_config(&config)?);
     let hub = Arc::new(hub::Hub::new(config.retention.duration()));
     let backend = backend::start(&config, hub.clone(), &log).await?;
-    let public_addr = listeners.public.local_addr().ok();
+    let public_addr = listeners
+        .public
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: config.listen.0,
+            source,
+        })?;
     info!(log, "starting";
-        "listen" => ?public_addr,
+        "listen" => %public_addr,
         "backend" => backend.describe(),
         "config" => %config.redacted());
 
@@ -91,15 +97,16 @@ pub async fn run(
         log.clone(),
     ));
 
+    let systemd = systemd::Notifier::start(&log);
     let background = CancellationToken::new();
-    systemd::spawn_watchdog(&log, background.clone());
+    systemd.spawn_watchdog(&log, background.clone());
     spawn_sweeper(hub.clone(), background.clone());
 
-    systemd::status(&log, &format!("waiting for {}", backend.describe()));
+    systemd.status(&format!("waiting for {}", backend.describe()));
     tokio::select! {
         () = backend.ready() => {
             info!(log, "ready"; "backend" => backend.describe());
-            systemd::ready(&log, &format!("serving, backend {}", backend.describe()));
+            systemd.ready(&format!("serving, backend {}", backend.describe()));
         }
         () = control.shutdown.cancelled() => {}
     }
@@ -108,17 +115,17 @@ pub async fn run(
         tokio::select! {
             () = control.shutdown.cancelled() => break,
             () = control.reload.notified() => {
-                systemd::reloading(&log);
+                systemd.reloading();
                 match auth.reload() {
                     Ok(changed) => info!(log, "reloaded"; "token_changed" => changed),
                     Err(err) => warn!(log, "reload failed, keeping the current token"; "error" => %err),
                 }
-                systemd::ready(&log, &format!("serving, backend {}", backend.describe()));
+                systemd.ready(&format!("serving, backend {}", backend.describe()));
             }
         }
     }
 
-    systemd::stopping(&log);
+    systemd.stopping();
     let timeout = config.shutdown.timeout.duration();
     info!(log, "draining"; "drain_period_s" => config.shutdown.drain_period.duration().as_secs_f64(), "timeout_s" => timeout.as_secs_f64());
     draining.cancel();

@@ -1,0 +1,323 @@
+//! The real binary under a fake systemd: what it tells `NOTIFY_SOCKET`, and how it reloads,
+//! drains and exits on signals.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use common::{Chunk, NatsServer, SseClient, body_at, event, publish};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixDatagram;
+
+/// Collects what the service sends to `NOTIFY_SOCKET`, reading continuously as systemd does.
+struct FakeSystemd {
+    received: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeSystemd {
+    fn bind(path: &Path) -> Self {
+        let socket = UnixDatagram::bind(path).unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            let mut buffer = vec![0; 4096];
+            while let Ok(length) = socket.recv(&mut buffer).await {
+                let message = String::from_utf8_lossy(&buffer[..length]).into_owned();
+                sink.lock().unwrap().push(message);
+            }
+        });
+        Self { received }
+    }
+
+    fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits up to `wait` for a message containing the line `line`.
+    async fn expect(&self, line: &str, wait: Duration) {
+        self.expect_count(line, 1, wait).await;
+    }
+
+    /// Waits up to `wait` until `count` messages contained the line `line`.
+    async fn expect_count(&self, line: &str, count: usize, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while self.count(line) < count {
+            assert!(
+                Instant::now() < deadline,
+                "no {count} x {line:?} within {wait:?}; got {:?}",
+                self.received()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn count(&self, line: &str) -> usize {
+        self.received()
+            .iter()
+            .filter(|m| m.lines().any(|l| l == line))
+            .count()
+    }
+
+    fn any_starts_with(&self, prefix: &str) -> bool {
+        self.received()
+            .iter()
+            .any(|m| m.lines().any(|l| l.starts_with(prefix)))
+    }
+}
+
+/// The binary, with its JSON log lines forwarded to a channel.
+struct Daemon {
+    child: Child,
+    logs: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Daemon {
+    fn spawn(envs: &[(&str, String)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("FLAGSMITH_SSE_")
+                || [
+                    "NATS_URL",
+                    "LISTEN_ADDR",
+                    "SSE_AUTHENTICATION_TOKEN",
+                    "REDIS_HOST",
+                ]
+                .contains(&name.as_str())
+            {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("FLAGSMITH_SSE_LOG__FORMAT", "json")
+            .envs(envs.iter().map(|(name, value)| (*name, value)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start flagsmith-sse");
+        let stderr = child.stderr.take().unwrap();
+        let (sender, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let parsed = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "msg": line }));
+                if sender.send(parsed).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, logs }
+    }
+
+    /// The address from the start-up log line.
+    fn listen_addr(&self) -> SocketAddr {
+        loop {
+            let line = self
+                .logs
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a start-up log line");
+            if line["msg"] == "starting" {
+                return line["listen"].as_str().unwrap().parse().unwrap();
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; returns the exit code and how long it took.
+    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            if started.elapsed() > limit {
+                let logs: Vec<_> = self.logs.try_iter().map(|line| line.to_string()).collect();
+                panic!("still running after {limit:?}; log:\n{}", logs.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_only_with_nats_then_reload_and_drain_on_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let systemd = FakeSystemd::bind(&dir.path().join("notify"));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "first-token\n").unwrap();
+
+    // NATS is down when the service starts.
+    let mut nats = NatsServer::start();
+    nats.stop();
+    let mut daemon = Daemon::spawn(&[
+        (
+            "NOTIFY_SOCKET",
+            dir.path().join("notify").display().to_string(),
+        ),
+        ("WATCHDOG_USEC", "200000".to_owned()),
+        ("NATS_URL", nats.url()),
+        (
+            "FLAGSMITH_SSE_AUTHENTICATION_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+        ("FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD", "1".to_owned()),
+        ("FLAGSMITH_SSE_SHUTDOWN__TIMEOUT", "3".to_owned()),
+    ]);
+    let addr = daemon.listen_addr();
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        systemd.count("READY=1"),
+        0,
+        "ready without NATS: {:?}",
+        systemd.received()
+    );
+    assert!(
+        systemd.any_starts_with("STATUS=waiting"),
+        "{:?}",
+        systemd.received()
+    );
+    assert!(
+        systemd.count("WATCHDOG=1") >= 2,
+        "watchdog pings at half of 200 ms"
+    );
+
+    nats.restart();
+    systemd.expect("READY=1", Duration::from_secs(15)).await;
+
+    let mut stream = SseClient::connect(addr, "/sse/environments/env/stream", &[]).await;
+    assert_eq!(
+        publish(addr, "env", &body_at(1.5), Some("first-token"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(stream.next_event().await, event("1.5"));
+
+    // Token rotation: the file changes, SIGHUP, and only the new token works.
+    std::fs::write(&token_file, "second-token\n").unwrap();
+    daemon.signal("HUP");
+    systemd.expect("RELOADING=1", Duration::from_secs(5)).await;
+    assert!(systemd.any_starts_with("MONOTONIC_USEC="));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while publish(addr, "env", &body_at(2.5), Some("second-token"))
+        .await
+        .0
+        != 200
+    {
+        assert!(Instant::now() < deadline, "new token never accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    systemd
+        .expect_count("READY=1", 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        publish(addr, "env", &body_at(3.5), Some("first-token"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(stream.next_event().await, event("2.5"));
+
+    // A client stuck halfway through its request headers must not hold the exit.
+    let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stuck
+        .write_all(b"GET /sse/environments/env/stream HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+
+    daemon.signal("TERM");
+    systemd.expect("STOPPING=1", Duration::from_secs(5)).await;
+    // The stream ends cleanly within the drain period so the SDK reconnects elsewhere.
+    assert_eq!(stream.next_data().await, b"retry: 1000\n\n");
+    assert!(matches!(
+        stream.next_chunk_within(Duration::from_secs(3)).await,
+        Some(Chunk::End)
+    ));
+    let (code, took) = daemon.wait_exit(Duration::from_secs(6));
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_millis(4500),
+        "exit took {took:?}, timeout is 3 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_spreads_stream_ends_over_the_drain_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t").unwrap();
+    let mut daemon = Daemon::spawn(&[
+        (
+            "FLAGSMITH_SSE_AUTHENTICATION_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+        ("FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD", "2".to_owned()),
+        ("FLAGSMITH_SSE_SHUTDOWN__TIMEOUT", "5".to_owned()),
+        ("FLAGSMITH_SSE_MAX_STREAM_AGE", "0".to_owned()),
+    ]);
+    let addr = daemon.listen_addr();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(SseClient::connect(addr, "/sse/environments/env/stream", &[]).await);
+    }
+    let started = Instant::now();
+    daemon.signal("TERM");
+    // Each stream is read by its own task, so an end is timed when it arrives.
+    let ends = streams.into_iter().map(|mut stream| async move {
+        assert_eq!(stream.next_data().await, b"retry: 1000\n\n");
+        assert!(matches!(
+            stream.next_chunk_within(Duration::from_secs(3)).await,
+            Some(Chunk::End)
+        ));
+        started.elapsed()
+    });
+    let mut ended_after = futures_util::future::join_all(ends).await;
+    ended_after.sort();
+    let first = ended_after[0];
+    let last = ended_after[ended_after.len() - 1];
+    assert!(
+        last < Duration::from_millis(2500),
+        "last stream ended after {last:?}"
+    );
+    assert!(
+        last - first > Duration::from_millis(500),
+        "ends not spread: {ended_after:?}"
+    );
+    let (code, _) = daemon.wait_exit(Duration::from_secs(6));
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_bad_configuration_stops_start_up_with_exit_code_2() {
+    let mut daemon = Daemon::spawn(&[("FLAGSMITH_SSE_MAX_STREAM_AGE", "soon".to_owned())]);
+    let (code, _) = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(2));
+    let message = daemon.logs.recv_timeout(Duration::from_secs(5)).unwrap();
+    let message = message["msg"].as_str().unwrap().to_owned();
+    assert!(
+        message.to_lowercase().contains("max_stream_age"),
+        "{message}"
+    );
+}
