@@ -265,3 +265,17 @@ async fn invalid_keys_and_unknown_paths_get_json_errors() {
         r#"{"detail":"Not found."}"#
     );
 }
+
+#[tokio::test]
+async fn updates_older_than_the_retention_window_are_not_replayed() {
+    let mut config = test_config();
+    config.retention = seconds(0.4);
+    config.keepalive_interval = seconds(0.3);
+    let service = Service::start_ready(config).await;
+    service.publish("env", &body_at(1.5)).await;
+    let mut fresh = service.subscribe("env").await;
+    assert_eq!(fresh.next_data().await, event("1.5"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut late = service.subscribe("env").await;
+    assert_eq!(late.next_data().await, b": ping\n\n");
+}

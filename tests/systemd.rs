@@ -261,6 +261,88 @@ async fn ready_only_with_nats_then_reload_and_drain_on_signals() {
         took < Duration::from_millis(4500),
         "exit took {took:?}, timeout is 3 s"
     );
+    let log: Vec<String> = daemon
+        .logs
+        .try_iter()
+        .map(|line| line.to_string())
+        .collect();
+    assert!(
+        log.iter().any(|line| line.contains("\"stopped\"")),
+        "{log:?}"
+    );
+    for line in &log {
+        assert!(
+            !line.contains("first-token") && !line.contains("second-token"),
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_flight_publish_is_answered_during_shutdown() {
+    let nats = NatsServer::start();
+    let daemon = Daemon::spawn(&[
+        ("NATS_URL", nats.url()),
+        ("SSE_AUTHENTICATION_TOKEN", "t".to_owned()),
+        ("FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD", "0".to_owned()),
+    ]);
+    let addr = daemon.listen_addr();
+    wait_ready(addr).await;
+    // A stalled NATS holds the publish until the service's publish timeout.
+    nats.signal("STOP");
+    let in_flight =
+        tokio::spawn(async move { publish(addr, "env", &body_at(1.5), Some("t")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.signal("TERM");
+    let (status, body) = in_flight.await.unwrap();
+    nats.signal("CONT");
+    assert_eq!(status, 503, "{body}");
+}
+
+#[test]
+fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let hard = Command::new("sh")
+        .args(["-c", "ulimit -Hn"])
+        .output()
+        .unwrap();
+    let hard: u64 = common::text(&hard.stdout).trim().parse().unwrap();
+    assert!(
+        hard > 256,
+        "the hard limit here is {hard}: nothing to raise"
+    );
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && exec \"$0\"",
+            env!("CARGO_BIN_EXE_flagsmith-sse"),
+        ])
+        .env("SSE_AUTHENTICATION_TOKEN", "t")
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("FLAGSMITH_SSE_LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let line = std::io::BufRead::lines(stderr)
+        .find_map(|line| line.ok().filter(|line| line.contains("open files limit")))
+        .expect("open files log line");
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(logged["soft"].as_u64(), Some(hard), "{line}");
+}
+
+async fn wait_ready(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(response) = reqwest::get(format!("http://{addr}/readyz")).await
+            && response.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

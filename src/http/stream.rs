@@ -5,6 +5,7 @@
 //! lifetime (`max_stream_age` minus jitter) or during the drain after SIGTERM, each preceded by
 //! a short `retry:` so browsers come back quickly.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -141,11 +142,15 @@ enum Phase {
 /// The body of one stream. Polled by the connection's task, it holds no task or queue of its
 /// own: a subscriber that reads slowly is simply polled less often and sees the newest event.
 pub struct SseBody {
+    /// The newest update when the stream opened, if still within retention: written first.
+    first: Option<Bytes>,
+    /// Changes after the stream opened.
     updates: WatchStream<Option<Event>>,
     last_sent: Option<UpdatedAt>,
-    /// Fires at the next keep-alive or at the end, whichever comes first.
+    /// Fires at the end or at the keep-alive deadline as it was when last armed; writes in
+    /// between do not re-arm it, so an event costs no timer operation.
     timer: Pin<Box<Sleep>>,
-    next_keepalive: Instant,
+    last_write: Instant,
     ends_at: Option<Instant>,
     draining: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     settings: StreamSettings,
@@ -155,47 +160,52 @@ pub struct SseBody {
 
 impl SseBody {
     fn new(subscription: Subscription) -> Self {
-        let settings = subscription.settings;
+        let Subscription {
+            mut updates,
+            permit,
+            settings,
+            draining,
+        } = subscription;
         let now = Instant::now();
         let ends_at = settings.max_age.map(|age| {
             let jitter = settings.max_age_jitter * rand::random::<f64>();
             now + age.mul_f64(1.0 - jitter)
         });
-        let next_keepalive = now + settings.keepalive;
-        let wake = ends_at.map_or(next_keepalive, |end| end.min(next_keepalive));
-        Self {
-            updates: WatchStream::new(subscription.updates),
-            last_sent: None,
-            timer: Box::pin(tokio::time::sleep_until(wake)),
-            next_keepalive,
+        let current = updates.borrow_and_update().clone();
+        let first = current.filter(|event| {
+            SystemTime::now()
+                .duration_since(event.stored_at)
+                .map_or(true, |age| age <= settings.retention)
+        });
+        let mut body = Self {
+            last_sent: first.as_ref().map(|event| event.updated_at),
+            first: first.map(|event| event.frame),
+            updates: WatchStream::from_changes(updates),
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            last_write: now,
             ends_at,
-            draining: Some(Box::pin(subscription.draining.cancelled_owned())),
+            draining: Some(Box::pin(draining.cancelled_owned())),
             settings,
             phase: Phase::Open,
-            _permit: subscription.permit,
-        }
+            _permit: permit,
+        };
+        body.arm();
+        body
     }
 
-    fn reschedule(&mut self) {
-        let wake = self
-            .ends_at
-            .map_or(self.next_keepalive, |end| end.min(self.next_keepalive));
+    /// Sets the timer to the end or the next keep-alive, whichever comes first.
+    fn arm(&mut self) {
+        let keepalive = self.last_write + self.settings.keepalive;
+        let wake = self.ends_at.map_or(keepalive, |end| end.min(keepalive));
         self.timer.as_mut().reset(wake);
     }
 
-    fn wrote(&mut self) {
-        self.next_keepalive = Instant::now() + self.settings.keepalive;
-        self.reschedule();
+    fn write(&mut self, frame: Bytes) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.last_write = Instant::now();
+        Poll::Ready(Some(Ok(Frame::data(frame))))
     }
 
-    fn is_fresh(&self, event: &Event) -> bool {
-        self.last_sent.is_none_or(|sent| event.updated_at > sent)
-            && SystemTime::now()
-                .duration_since(event.stored_at)
-                .map_or(true, |age| age <= self.settings.retention)
-    }
-
-    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, std::convert::Infallible>>> {
+    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.phase = Phase::Ending;
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(ENDING_FRAME)))))
     }
@@ -203,7 +213,7 @@ impl SseBody {
 
 impl http_body::Body for SseBody {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = Infallible;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -213,6 +223,9 @@ impl http_body::Body for SseBody {
         if this.phase == Phase::Ending {
             return Poll::Ready(None);
         }
+        if let Some(first) = this.first.take() {
+            return this.write(first);
+        }
         if let Some(draining) = this.draining.as_mut()
             && draining.poll_unpin(cx).is_ready()
         {
@@ -220,14 +233,17 @@ impl http_body::Body for SseBody {
             this.draining = None;
             let end = Instant::now() + this.settings.drain_period.mul_f64(rand::random::<f64>());
             this.ends_at = Some(this.ends_at.map_or(end, |at| at.min(end)));
-            this.reschedule();
+            this.arm();
         }
         loop {
             match Pin::new(&mut this.updates).poll_next(cx) {
-                Poll::Ready(Some(Some(event))) if this.is_fresh(&event) => {
+                // The hub only ever replaces a value with a newer one; the check guards the
+                // first change against the value already written at connect.
+                Poll::Ready(Some(Some(event)))
+                    if this.last_sent.is_none_or(|sent| event.updated_at > sent) =>
+                {
                     this.last_sent = Some(event.updated_at);
-                    this.wrote();
-                    return Poll::Ready(Some(Ok(Frame::data(event.frame))));
+                    return this.write(event.frame);
                 }
                 Poll::Ready(Some(_)) => continue,
                 // The hub is gone: the service is stopping.
@@ -235,12 +251,18 @@ impl http_body::Body for SseBody {
                 Poll::Pending => break,
             }
         }
-        if this.timer.as_mut().poll(cx).is_ready() {
-            if this.ends_at.is_some_and(|end| Instant::now() >= end) {
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if this.ends_at.is_some_and(|end| now >= end) {
                 return this.end();
             }
-            this.wrote();
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEPALIVE_FRAME)))));
+            if now >= this.last_write + this.settings.keepalive {
+                this.last_write = now;
+                this.arm();
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEPALIVE_FRAME)))));
+            }
+            // Written to since the timer was armed: wait for the keep-alive deadline.
+            this.arm();
         }
         Poll::Pending
     }
