@@ -71,6 +71,7 @@ pub async fn run(
         "config" => %config.redacted());
 
     let draining = CancellationToken::new();
+    let admission = http::stream::Admission::new(config.max_streams);
     let state = Arc::new(http::State {
         hub: hub.clone(),
         backend: backend.clone(),
@@ -82,7 +83,7 @@ pub async fn run(
             retention: config.retention.duration(),
             drain_period: config.shutdown.drain_period.duration(),
         },
-        admission: http::stream::Admission::new(config.max_streams),
+        admission: admission.clone(),
         publish_timeout: config.publish_timeout.duration(),
         draining: draining.clone(),
         log: log.clone(),
@@ -100,7 +101,7 @@ pub async fn run(
     let systemd = systemd::Notifier::start(&log);
     let background = CancellationToken::new();
     systemd.spawn_watchdog(&log, background.clone());
-    spawn_sweeper(hub.clone(), background.clone());
+    spawn_sweeper(hub.clone(), background.clone(), log.clone());
 
     systemd.status(&format!("waiting for {}", backend.describe()));
     tokio::select! {
@@ -127,7 +128,10 @@ pub async fn run(
 
     systemd.stopping();
     let timeout = config.shutdown.timeout.duration();
-    info!(log, "draining"; "drain_period_s" => config.shutdown.drain_period.duration().as_secs_f64(), "timeout_s" => timeout.as_secs_f64());
+    info!(log, "draining";
+        "open_streams" => admission.open_streams(),
+        "drain_period_s" => config.shutdown.drain_period.duration().as_secs_f64(),
+        "timeout_s" => timeout.as_secs_f64());
     draining.cancel();
     if tokio::time::timeout(timeout, server).await.is_err() {
         warn!(log, "shutdown timeout reached with connections still open");
@@ -138,13 +142,16 @@ pub async fn run(
     Ok(())
 }
 
-fn spawn_sweeper(hub: Arc<hub::Hub>, stop: CancellationToken) {
+fn spawn_sweeper(hub: Arc<hub::Hub>, stop: CancellationToken, log: Logger) {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = ticks.tick() => hub.sweep(SystemTime::now()),
+                _ = ticks.tick() => {
+                    hub.sweep(SystemTime::now());
+                    slog::debug!(log, "swept"; "environments" => hub.len());
+                }
             }
         }
     });

@@ -196,24 +196,10 @@ where
         collapse_slashes(request.uri_mut());
         let mut routes = warp::service(routes.clone());
         async move {
-            let response = tower_service_call(&mut routes, request).await?;
+            let response = tower_service::Service::call(&mut routes, request).await?;
             Ok(stream::attach_body(response))
         }
     })
-}
-
-async fn tower_service_call<S>(
-    service: &mut S,
-    request: Request<hyper::body::Incoming>,
-) -> Result<warp::reply::Response, Infallible>
-where
-    S: tower_service::Service<
-            Request<hyper::body::Incoming>,
-            Response = warp::reply::Response,
-            Error = Infallible,
-        >,
-{
-    service.call(request).await
 }
 
 /// `//sse//environments/x/stream` → `/sse/environments/x/stream`.
