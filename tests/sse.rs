@@ -67,12 +67,12 @@ async fn unknown_environment_gets_200_and_only_keepalives() {
 #[tokio::test]
 async fn keepalive_is_sent_only_after_a_quiet_interval() {
     let mut config = test_config();
-    config.keepalive_interval = seconds(0.5);
+    config.keepalive_interval = seconds(1.2);
     let service = Service::start_ready(config).await;
     let mut client = service.subscribe("env").await;
-    // Events every 200 ms keep the stream busy: no ping in between.
-    for step in 1..=5 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Events every 300 ms for longer than the interval keep the stream busy: no ping between.
+    for step in 1..=6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         service.publish("env", &body_at(f64::from(step))).await;
         assert_eq!(
             text(&client.next_data().await),

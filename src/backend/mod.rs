@@ -26,8 +26,9 @@ pub enum BackendError {
 
 pub trait Backend: Send + Sync + 'static {
     /// Stores `update` durably. Resolves `Ok` only once the update is stored, so that an HTTP
-    /// `200` is never sent for an update that could be lost. Publishing the same update twice
-    /// must store it once.
+    /// `200` is never sent for an update that could be lost, and only once the local hub has
+    /// it, so that a subscriber arriving right after the `200` gets it first. Publishing the
+    /// same update twice must store it once.
     fn publish(&self, update: Update) -> BoxFuture<'_, Result<(), BackendError>>;
 
     /// Whether the backend is connected and has loaded the newest updates. Reads local state

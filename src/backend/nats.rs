@@ -35,6 +35,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct NatsBackend {
     client: async_nats::Client,
+    hub: Arc<Hub>,
     jetstream: jetstream::Context,
     /// True once the consumer has delivered every update that existed when it started.
     synced: watch::Receiver<bool>,
@@ -110,7 +111,7 @@ impl NatsBackend {
         let follower = Follower {
             jetstream: jetstream.clone(),
             stream_config: stream_config(config, hub.retention()),
-            hub,
+            hub: hub.clone(),
             synced: synced_tx,
             connected,
             log: log.clone(),
@@ -118,6 +119,7 @@ impl NatsBackend {
         let task = tokio::spawn(follower.run(stop.clone()));
         Ok(Self {
             client,
+            hub,
             jetstream,
             synced,
             stop,
@@ -145,6 +147,9 @@ impl Backend for NatsBackend {
                 .map_err(|err| BackendError::NotAcknowledged(err.to_string()))?;
             ack.await
                 .map_err(|err| BackendError::NotAcknowledged(err.to_string()))?;
+            // Stored: local subscribers need not wait for the consumer to bring it back, and
+            // when it does, the same timestamp is not newer and changes nothing.
+            self.hub.apply(&update, SystemTime::now());
             Ok(())
         }
         .boxed()
