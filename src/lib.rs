@@ -68,7 +68,7 @@ pub async fn run(
     info!(log, "starting";
         "listen" => %public_addr,
         "backend" => backend.describe(),
-        "config" => %config.redacted());
+        "config" => slog::Serde(config.redacted()));
 
     let draining = CancellationToken::new();
     let admission = http::stream::Admission::new(config.max_streams);

@@ -124,6 +124,13 @@ impl Daemon {
                 .recv_timeout(Duration::from_secs(10))
                 .expect("a start-up log line");
             if line["msg"] == "starting" {
+                // The effective configuration, as an object, with the token redacted.
+                assert!(line["config"]["max_stream_age"].is_number(), "{line}");
+                assert!(
+                    line["config"]["authentication_token"].is_null()
+                        || line["config"]["authentication_token"] == "<redacted>",
+                    "{line}"
+                );
                 return line["listen"].as_str().unwrap().parse().unwrap();
             }
         }
