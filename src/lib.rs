@@ -56,6 +56,11 @@ pub async fn run(
     log: Logger,
 ) -> Result<()> {
     let auth = Arc::new(auth::Authenticator::from_config(&config)?);
+    if let Some(path) = &config.authentication_token_file
+        && auth::readable_by_others(path)
+    {
+        warn!(log, "the token file is readable by other users"; "path" => %path.display());
+    }
     let hub = Arc::new(hub::Hub::new(config.retention.duration()));
     let backend = backend::start(&config, hub.clone(), &log).await?;
     let public_addr = listeners
