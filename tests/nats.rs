@@ -183,3 +183,29 @@ async fn the_service_starts_while_nats_is_down_and_becomes_ready_later() {
     assert_eq!(service.publish("env", &body_at(2.5)).await.0, 200);
     assert_eq!(early.next_event().await, event("2.5"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_cut_off_from_nats_catches_up_on_what_it_missed() {
+    let nats = NatsServer::start();
+    let mut proxy = common::Proxy::start(([127, 0, 0, 1], nats.port).into()).await;
+    let mut cut_off_config = nats_config(&nats);
+    cut_off_config.nats.url = proxy.url();
+    let cut_off = Service::start_ready(cut_off_config).await;
+    let other = Service::start_ready(nats_config(&nats)).await;
+    let mut env_a = cut_off.subscribe("env-a").await;
+    other.publish("env-a", &body_at(1.5)).await;
+    assert_eq!(env_a.next_event().await, event("1.5"));
+
+    proxy.cut();
+    cut_off.wait_ready(false).await;
+    // Published while the instance is away; env-a twice, so only the newest is kept.
+    other.publish("env-a", &body_at(2.5)).await;
+    other.publish("env-a", &body_at(3.5)).await;
+    other.publish("env-b", &body_at(4.5)).await;
+
+    proxy.restore().await;
+    cut_off.wait_ready(true).await;
+    assert_eq!(env_a.next_event().await, event("3.5"));
+    let mut env_b = cut_off.subscribe("env-b").await;
+    assert_eq!(env_b.next_event().await, event("4.5"));
+}
