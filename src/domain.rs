@@ -134,6 +134,18 @@ impl UpdatedAt {
     pub fn as_secs_f64(self) -> f64 {
         self.0
     }
+
+    /// Parses the `{"updated_at": ...}` object of `queue-change` bodies and NATS payloads;
+    /// other members are ignored.
+    pub fn from_body(body: &[u8]) -> Result<Self, BodyError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|err| BodyError::NotJson(err.to_string()))?;
+        let object = value.as_object().ok_or(BodyError::NotAnObject)?;
+        let updated_at = object
+            .get("updated_at")
+            .ok_or(BodyError::MissingUpdatedAt)?;
+        Ok(Self::from_json(updated_at)?)
+    }
 }
 
 /// Shortest round-trip decimal form, always with a `.`: `1735229888.76`, `1735229888.0`.
@@ -192,20 +204,6 @@ pub enum BodyError {
     MissingUpdatedAt,
     #[error(transparent)]
     Timestamp(#[from] TimestampError),
-}
-
-impl UpdatedAt {
-    /// Parses the `{"updated_at": ...}` object of `queue-change` bodies and NATS payloads;
-    /// other members are ignored.
-    pub fn from_body(body: &[u8]) -> Result<Self, BodyError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(body).map_err(|err| BodyError::NotJson(err.to_string()))?;
-        let object = value.as_object().ok_or(BodyError::NotAnObject)?;
-        let updated_at = object
-            .get("updated_at")
-            .ok_or(BodyError::MissingUpdatedAt)?;
-        Ok(Self::from_json(updated_at)?)
-    }
 }
 
 #[cfg(test)]

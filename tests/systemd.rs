@@ -294,7 +294,7 @@ async fn an_in_flight_publish_is_answered_during_shutdown() {
         ("FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD", "0".to_owned()),
     ]);
     let addr = daemon.listen_addr();
-    wait_ready(addr).await;
+    common::wait_readiness(addr, true).await;
     // A stalled NATS holds the publish until the service's publish timeout.
     nats.signal("STOP");
     let in_flight =
@@ -337,19 +337,6 @@ fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
     let _ = child.wait();
     let logged: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(logged["soft"].as_u64(), Some(hard), "{line}");
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(response) = reqwest::get(format!("http://{addr}/readyz")).await
-            && response.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

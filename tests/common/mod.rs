@@ -198,21 +198,11 @@ impl Service {
     }
 
     pub async fn readyz(&self) -> u16 {
-        reqwest::get(self.url("/readyz"))
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        readyz(self.addr).await.expect("/readyz answers")
     }
 
-    /// Waits (up to 20 s) until readiness is `ready`.
     pub async fn wait_ready(&self, ready: bool) {
-        let want = if ready { 200 } else { 503 };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.readyz().await != want {
-            assert!(Instant::now() < deadline, "/readyz never became {want}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_readiness(self.addr, ready).await;
     }
 
     pub async fn publish(&self, key: &str, body: &str) -> (u16, String) {
@@ -231,6 +221,22 @@ impl Service {
             .expect("service stops")
             .unwrap()
             .unwrap();
+    }
+}
+
+/// The status of `/readyz`, or `None` if nothing answers yet.
+pub async fn readyz(addr: SocketAddr) -> Option<u16> {
+    let response = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+    Some(response.status().as_u16())
+}
+
+/// Waits (up to 20 s) until `/readyz` says `ready`.
+pub async fn wait_readiness(addr: SocketAddr, ready: bool) {
+    let want = if ready { 200 } else { 503 };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while readyz(addr).await != Some(want) {
+        assert!(Instant::now() < deadline, "/readyz never became {want}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
