@@ -1,7 +1,7 @@
 //! The publish token: loaded from the configuration or a file, re-read on SIGHUP, and compared
 //! in constant time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
@@ -77,16 +77,6 @@ impl Authenticator {
     }
 }
 
-/// Whether a secret file can be read by users other than its owner and group, outside the
-/// directory where systemd places credentials with permissions it manages itself.
-pub fn readable_by_others(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let in_credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .is_some_and(|directory| path.starts_with(directory));
-    !in_credentials
-        && std::fs::metadata(path).is_ok_and(|metadata| metadata.permissions().mode() & 0o004 != 0)
-}
-
 fn read_token(path: &PathBuf) -> Result<String, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
         path: path.clone(),
@@ -128,18 +118,6 @@ mod tests {
         assert!(!auth.verify(Some(b"Token ")));
         assert!(!auth.verify(Some(b"Token \xff")));
         assert!(!auth.verify(None));
-    }
-
-    #[test]
-    fn world_readable_token_files_are_noticed() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "t").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(readable_by_others(&path));
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(!readable_by_others(&path));
     }
 
     #[test]

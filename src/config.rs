@@ -28,9 +28,19 @@ pub const ENV_PREFIX: &str = "FLAGSMITH_SSE_";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address of the listener for streams, publishes and health. Default `0.0.0.0:8088`.
-    /// `:8088` means all IPv4 interfaces. Legacy variable: `LISTEN_ADDR`.
+    /// Address of the public listener: streams, health, and publishes unless `publish_listen`
+    /// is set. Default `0.0.0.0:8088`; `:8088` means all IPv4 interfaces. Legacy variable:
+    /// `LISTEN_ADDR`.
     pub listen: ListenAddr,
+    /// TLS on the public listener. Default none: plaintext, serving HTTP/1.1 and HTTP/2 with
+    /// prior knowledge (h2c) on the same port.
+    pub tls: Option<TlsConfig>,
+    /// Address of a second listener that serves only `queue-change` (and health), so that
+    /// publishing can stay on an internal address. When set, the public listener no longer
+    /// serves `queue-change`. Default none.
+    pub publish_listen: Option<ListenAddr>,
+    /// TLS on the publish listener. Default none.
+    pub publish_tls: Option<TlsConfig>,
     /// Token Flagsmith's task processor sends as `Authorization: Token <token>`. Prefer
     /// `authentication_token_file`. Legacy variable: `SSE_AUTHENTICATION_TOKEN`.
     pub authentication_token: Option<Secret>,
@@ -57,6 +67,7 @@ pub struct Config {
     /// Seconds a `queue-change` may wait for the backend before answering `503`. Default 1.5;
     /// must stay below Flagsmith's 2 s client timeout.
     pub publish_timeout: Seconds,
+    pub http2: Http2Config,
     pub nats: NatsConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
@@ -69,6 +80,9 @@ impl Default for Config {
                 Ipv4Addr::UNSPECIFIED,
                 8088,
             ))),
+            tls: None,
+            publish_listen: None,
+            publish_tls: None,
             authentication_token: None,
             authentication_token_file: None,
             backend: BackendKind::Memory,
@@ -78,9 +92,44 @@ impl Default for Config {
             retention: Seconds(3600.0),
             max_streams: 200_000,
             publish_timeout: Seconds(1.5),
+            http2: Http2Config::default(),
             nats: NatsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+        }
+    }
+}
+
+/// A certificate and its key, as PEM files. Both are re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (a `fullchain.pem`).
+    pub certificate_file: PathBuf,
+    /// The private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Streams one HTTP/2 connection may carry at once. Default 1000: a browser with many tabs
+    /// open, or a proxy multiplexing many clients onto one connection.
+    pub max_concurrent_streams: u32,
+    /// Seconds without hearing from the peer after which the service sends an HTTP/2 PING.
+    /// Default 20.
+    pub keepalive_interval: Seconds,
+    /// Seconds to wait for the PING's answer before closing the connection as dead.
+    /// Default 20.
+    pub keepalive_timeout: Seconds,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 1000,
+            keepalive_interval: Seconds(20.0),
+            keepalive_timeout: Seconds(20.0),
         }
     }
 }
@@ -445,6 +494,45 @@ impl Config {
         if self.max_streams == 0 {
             return Err(invalid("max_streams", "must be at least 1"));
         }
+        match &self.publish_listen {
+            Some(publish) if publish.0 == self.listen.0 => {
+                return Err(invalid(
+                    "publish_listen",
+                    &format!(
+                        "{} is also `listen` (from {}); use another address, or unset \
+                         publish_listen to publish on the public listener",
+                        publish.0,
+                        origin(figment, "listen")
+                    ),
+                ));
+            }
+            None if self.publish_tls.is_some() => {
+                return Err(invalid(
+                    "publish_tls",
+                    "is set but publish_listen is not; set publish_listen, or use `tls` for \
+                     the public listener",
+                ));
+            }
+            _ => {}
+        }
+        if self.http2.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "http2.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if self.http2.keepalive_interval.is_zero() {
+            return Err(invalid(
+                "http2.keepalive_interval",
+                "must be more than 0 seconds",
+            ));
+        }
+        if self.http2.keepalive_timeout.is_zero() {
+            return Err(invalid(
+                "http2.keepalive_timeout",
+                "must be more than 0 seconds",
+            ));
+        }
         if self.shutdown.timeout < self.shutdown.drain_period {
             return Err(invalid(
                 "shutdown.timeout",
@@ -485,6 +573,16 @@ impl Config {
         shown.nats.url = crate::backend::nats::redact_url(&shown.nats.url);
         serde_json::to_value(shown).unwrap_or_default()
     }
+}
+
+/// Whether a secret file can be read by users other than its owner and group. Files under
+/// `$CREDENTIALS_DIRECTORY` are exempt: systemd gives them to the service alone.
+pub fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let in_credentials = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .is_some_and(|directory| path.starts_with(directory));
+    !in_credentials
+        && std::fs::metadata(path).is_ok_and(|metadata| metadata.permissions().mode() & 0o004 != 0)
 }
 
 /// Where `key`'s value came from, for error messages: the file, the exact environment
@@ -586,5 +684,22 @@ impl Provider for VerbatimVariable {
             }
         }
         Ok(Profile::Default.collect(dict))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn world_readable_secret_files_are_noticed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "t").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(readable_by_others(&path));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(!readable_by_others(&path));
     }
 }

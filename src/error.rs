@@ -3,6 +3,7 @@
 use crate::auth::AuthError;
 use crate::backend::nats::NatsError;
 use crate::config::ConfigError;
+use crate::tls::TlsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -12,6 +13,8 @@ pub enum Error {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,

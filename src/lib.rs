@@ -8,7 +8,8 @@
 //! - [`domain`]: environment keys, timestamps, the event written on the wire.
 //! - [`hub`]: the newest update per environment and the subscribers waiting for it.
 //! - [`backend`]: how updates are stored and shared: in-process or NATS JetStream.
-//! - [`http`]: the routes, the SSE body, and the accept loop.
+//! - [`http`]: the routes, the SSE body, and the accept loop (HTTP/1.1, HTTP/2, h2c).
+//! - [`tls`]: certificates for TLS listeners, reloaded on SIGHUP.
 //! - [`auth`]: the publish token, rotated on SIGHUP.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.
 //! - [`shutdown`]: signals, mapped to shutdown and reload.
@@ -26,6 +27,7 @@ pub mod hub;
 pub mod logging;
 pub mod shutdown;
 pub mod systemd;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -41,11 +43,14 @@ pub use crate::shutdown::Control;
 /// How often expired updates and unwatched environments are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The bound sockets the service serves.
+/// The bound sockets the service serves. Whether each speaks TLS comes from the
+/// configuration: `tls` for `public`, `publish_tls` for `publish`.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Streams, publishes and health.
+    /// Streams and health, and publishes when there is no `publish` listener.
     pub public: TcpListener,
+    /// Publishes and health only.
+    pub publish: Option<TcpListener>,
 }
 
 /// Runs the service on `listeners` until `control.shutdown` fires and the drain is over.
@@ -57,21 +62,26 @@ pub async fn run(
 ) -> Result<()> {
     let auth = Arc::new(auth::Authenticator::from_config(&config)?);
     if let Some(path) = &config.authentication_token_file
-        && auth::readable_by_others(path)
+        && config::readable_by_others(path)
     {
         warn!(log, "the token file is readable by other users"; "path" => %path.display());
     }
+    let public_tls = load_certificate(config.tls.as_ref(), &log)?;
+    let publish_tls = load_certificate(config.publish_tls.as_ref(), &log)?;
     let hub = Arc::new(hub::Hub::new(config.retention.duration()));
     let backend = backend::start(&config, hub.clone(), &log).await?;
-    let public_addr = listeners
-        .public
-        .local_addr()
-        .map_err(|source| Error::Bind {
+    let local_addr = |listener: &TcpListener| {
+        listener.local_addr().map_err(|source| Error::Bind {
             addr: config.listen.0,
             source,
-        })?;
+        })
+    };
+    let public_addr = local_addr(&listeners.public)?;
+    let publish_addr = listeners.publish.as_ref().map(local_addr).transpose()?;
     info!(log, "starting";
         "listen" => %public_addr,
+        "tls" => public_tls.is_some(),
+        "publish_listen" => publish_addr.map(|addr| addr.to_string()),
         "backend" => backend.describe(),
         "config" => slog::Serde(config.redacted()));
 
@@ -93,15 +103,33 @@ pub async fn run(
         draining: draining.clone(),
         log: log.clone(),
     });
-    let service = http::service(http::routes(state));
     // Serve before the backend is ready: liveness answers, streams open, and publishes get a
     // clear 503 until the backend can store them.
-    let server = tokio::spawn(http::serve::serve(
+    let builder = http::serve::connection_builder(&config.http2);
+    let mut servers = tokio::task::JoinSet::new();
+    let public_endpoints = match listeners.publish {
+        Some(_) => http::Endpoints::STREAMS,
+        None => http::Endpoints::ALL,
+    };
+    servers.spawn(http::serve::serve(
         listeners.public,
-        service,
+        acceptor(public_tls.as_ref())?,
+        builder.clone(),
+        http::service(http::routes(state.clone(), public_endpoints)),
         draining.clone(),
-        log.clone(),
+        log.new(slog::o!("listener" => "public")),
     ));
+    if let Some(listener) = listeners.publish {
+        servers.spawn(http::serve::serve(
+            listener,
+            acceptor(publish_tls.as_ref())?,
+            builder,
+            http::service(http::routes(state, http::Endpoints::PUBLISH)),
+            draining.clone(),
+            log.new(slog::o!("listener" => "publish")),
+        ));
+    }
+    let certificates: Vec<_> = public_tls.into_iter().chain(publish_tls).collect();
 
     let systemd = systemd::Notifier::start(&log);
     let background = CancellationToken::new();
@@ -126,6 +154,15 @@ pub async fn run(
                     Ok(changed) => info!(log, "reloaded"; "token_changed" => changed),
                     Err(err) => warn!(log, "reload failed, keeping the current token"; "error" => %err),
                 }
+                for certificate in &certificates {
+                    let file = certificate.files().certificate_file.display().to_string();
+                    match certificate.reload() {
+                        Ok(()) => info!(log, "reloaded the tls certificate";
+                            "file" => file, "sha256" => certificate.fingerprint()),
+                        Err(err) => warn!(log, "tls reload failed, keeping the current certificate";
+                            "error" => %err, "sha256" => certificate.fingerprint()),
+                    }
+                }
                 systemd.ready(&format!("serving, backend {}", backend.describe()));
             }
         }
@@ -138,13 +175,40 @@ pub async fn run(
         "drain_period_s" => config.shutdown.drain_period.duration().as_secs_f64(),
         "timeout_s" => timeout.as_secs_f64());
     draining.cancel();
-    if tokio::time::timeout(timeout, server).await.is_err() {
+    if tokio::time::timeout(timeout, servers.join_all())
+        .await
+        .is_err()
+    {
         warn!(log, "shutdown timeout reached with connections still open");
     }
     background.cancel();
     backend.close().await;
     info!(log, "stopped");
     Ok(())
+}
+
+fn load_certificate(
+    files: Option<&config::TlsConfig>,
+    log: &Logger,
+) -> Result<Option<Arc<tls::Certificate>>> {
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let certificate = tls::Certificate::load(files)?;
+    if config::readable_by_others(&files.key_file) {
+        warn!(log, "the tls key file is readable by other users";
+            "path" => %files.key_file.display());
+    }
+    info!(log, "loaded the tls certificate";
+        "file" => %files.certificate_file.display(),
+        "sha256" => certificate.fingerprint());
+    Ok(Some(certificate))
+}
+
+fn acceptor(
+    certificate: Option<&Arc<tls::Certificate>>,
+) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    Ok(certificate.map(|c| c.acceptor()).transpose()?)
 }
 
 fn spawn_sweeper(hub: Arc<hub::Hub>, stop: CancellationToken, log: Logger) {

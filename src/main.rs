@@ -1,12 +1,14 @@
 //! The `flagsmith-sse` daemon: parse the command line, load the configuration, build the
 //! logger, bind, and hand over to [`flagsmith_sse::run`].
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use flagsmith_sse::{Config, Control, Listeners, logging};
 use slog::{crit, info, warn};
+use tokio::net::TcpListener;
 
 /// Real-time Flagsmith flag updates over Server-Sent Events.
 #[derive(Debug, Parser)]
@@ -50,12 +52,13 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let addr = config.listen.0;
-        let public = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| flagsmith_sse::Error::Bind { addr, source })?;
+        let public = bind(config.listen.0).await?;
+        let publish = match config.publish_listen {
+            Some(addr) => Some(bind(addr.0).await?),
+            None => None,
+        };
         let control = Control::from_signals(&log).map_err(flagsmith_sse::Error::Signals)?;
-        flagsmith_sse::run(config, Listeners { public }, control, log.clone()).await
+        flagsmith_sse::run(config, Listeners { public, publish }, control, log.clone()).await
     });
     // Connections still open after the shutdown timeout are dropped with the runtime.
     runtime.shutdown_background();
@@ -66,4 +69,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn bind(addr: SocketAddr) -> flagsmith_sse::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| flagsmith_sse::Error::Bind { addr, source })
 }

@@ -9,8 +9,8 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Jail, Profile, Provider};
 use flagsmith_sse::Config;
 use flagsmith_sse::config::{
-    BackendKind, ConfigError, ListenAddr, LogConfig, LogFormat, LogLevel, NatsConfig, NatsStorage,
-    Seconds, Secret, ShutdownConfig,
+    BackendKind, ConfigError, Http2Config, ListenAddr, LogConfig, LogFormat, LogLevel, NatsConfig,
+    NatsStorage, Seconds, Secret, ShutdownConfig,
 };
 
 const TOKEN: &str = "test-token";
@@ -98,6 +98,9 @@ fn defaults_are_the_documented_values() {
     // is a deliberate act that also updates this test, the docs and the example file.
     let documented = Config {
         listen: addr("0.0.0.0:8088"),
+        tls: None,
+        publish_listen: None,
+        publish_tls: None,
         authentication_token: Some(Secret::new(TOKEN.to_owned())),
         authentication_token_file: None,
         backend: BackendKind::Memory,
@@ -107,6 +110,11 @@ fn defaults_are_the_documented_values() {
         retention: secs(3600.0),
         max_streams: 200_000,
         publish_timeout: secs(1.5),
+        http2: Http2Config {
+            max_concurrent_streams: 1000,
+            keepalive_interval: secs(20.0),
+            keepalive_timeout: secs(20.0),
+        },
         nats: NatsConfig {
             url: "nats://127.0.0.1:4222".to_owned(),
             stream: "environments-stream".to_owned(),
@@ -467,6 +475,82 @@ fn shutdown_timeout_must_cover_the_drain_period() {
 }
 
 #[test]
+fn tls_and_the_publish_listener_come_from_toml_and_the_environment() {
+    let toml = r#"
+        publish_listen = "127.0.0.1:8089"
+        [tls]
+        certificate_file = "/etc/tls/fullchain.pem"
+        key_file = "/etc/tls/key.pem"
+        [http2]
+        max_concurrent_streams = 50
+    "#;
+    let config = load(
+        &[("site.toml", toml)],
+        &[
+            TOKEN_ENV,
+            ("FLAGSMITH_SSE_PUBLISH_TLS__CERTIFICATE_FILE", "/internal.crt"),
+            ("FLAGSMITH_SSE_PUBLISH_TLS__KEY_FILE", "/internal.key"),
+            ("FLAGSMITH_SSE_HTTP2__KEEPALIVE_INTERVAL", "5"),
+        ],
+    )
+    .unwrap();
+    let tls = config.tls.expect("tls from the file");
+    assert_eq!(tls.certificate_file, Path::new("/etc/tls/fullchain.pem"));
+    assert_eq!(tls.key_file, Path::new("/etc/tls/key.pem"));
+    assert_eq!(config.publish_listen, Some(addr("127.0.0.1:8089")));
+    let publish_tls = config.publish_tls.expect("publish_tls from the environment");
+    assert_eq!(publish_tls.certificate_file, Path::new("/internal.crt"));
+    assert_eq!(publish_tls.key_file, Path::new("/internal.key"));
+    assert_eq!(config.http2.max_concurrent_streams, 50);
+    assert_eq!(config.http2.keepalive_interval, secs(5.0));
+    assert_eq!(config.http2.keepalive_timeout, secs(20.0));
+}
+
+#[test]
+fn tls_needs_both_files() {
+    let toml = "[tls]\ncertificate_file = \"/etc/tls/fullchain.pem\"";
+    let message = error(&[("site.toml", toml)], &[TOKEN_ENV]);
+    assert_mentions(&message, &["key_file", "tls", "site.toml"]);
+}
+
+#[test]
+fn publish_listen_must_differ_from_listen() {
+    let toml = "listen = \"127.0.0.1:8088\"";
+    let message = error(
+        &[("site.toml", toml)],
+        &[TOKEN_ENV, ("FLAGSMITH_SSE_PUBLISH_LISTEN", "127.0.0.1:8088")],
+    );
+    assert_mentions(
+        &message,
+        &[
+            "`publish_listen`",
+            "`FLAGSMITH_SSE_PUBLISH_LISTEN`",
+            "also `listen`",
+            "site.toml",
+        ],
+    );
+}
+
+#[test]
+fn publish_tls_needs_a_publish_listener() {
+    let toml = "[publish_tls]\ncertificate_file = \"/a.crt\"\nkey_file = \"/a.key\"";
+    let message = error(&[("site.toml", toml)], &[TOKEN_ENV]);
+    assert_mentions(&message, &["`publish_tls`", "site.toml", "publish_listen"]);
+}
+
+#[test]
+fn http2_settings_must_be_positive() {
+    for (key, toml) in [
+        ("http2.max_concurrent_streams", "[http2]\nmax_concurrent_streams = 0"),
+        ("http2.keepalive_interval", "[http2]\nkeepalive_interval = 0"),
+        ("http2.keepalive_timeout", "[http2]\nkeepalive_timeout = 0"),
+    ] {
+        let message = error(&[("site.toml", toml)], &[TOKEN_ENV]);
+        assert_mentions(&message, &[&format!("`{key}`"), "site.toml"]);
+    }
+}
+
+#[test]
 fn missing_token_says_how_to_set_one() {
     let message = error(&[("empty.toml", "")], &[]);
     assert_mentions(
@@ -679,7 +763,7 @@ fn example_with_every_setting() -> String {
         .map(|line| match line.strip_prefix("# ") {
             Some(setting)
                 if setting.split_once(" = ").is_some_and(|(key, _)| {
-                    key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    key.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
                 }) =>
             {
                 setting
@@ -707,6 +791,9 @@ fn example_config_lists_every_key() {
     let enabled: Config = example.extract().unwrap();
     assert!(enabled.authentication_token.is_some());
     assert!(enabled.nats.credentials_file.is_some());
+    assert!(enabled.tls.is_some());
+    assert!(enabled.publish_listen.is_some());
+    assert!(enabled.publish_tls.is_some());
 
     let defaults = Serialized::defaults(Config::default()).data().unwrap();
     let mut keys = Vec::new();

@@ -36,13 +36,41 @@ pub struct State {
     pub log: slog::Logger,
 }
 
-/// All routes, with errors as JSON and CORS on every response.
+/// Which routes a listener serves; health checks and CORS preflight are on every listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub streams: bool,
+    pub publish: bool,
+}
+
+impl Endpoints {
+    /// The public listener when there is no publish listener.
+    pub const ALL: Self = Self {
+        streams: true,
+        publish: true,
+    };
+    /// The public listener beside a publish listener.
+    pub const STREAMS: Self = Self {
+        streams: true,
+        publish: false,
+    };
+    /// The publish listener.
+    pub const PUBLISH: Self = Self {
+        streams: false,
+        publish: true,
+    };
+}
+
+/// The routes of `endpoints`, with errors as JSON and CORS on every response.
 pub fn routes(
     state: Arc<State>,
+    endpoints: Endpoints,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
 {
-    stream::route(state.clone())
-        .or(publish::route(state.clone()))
+    served_if(endpoints.streams)
+        .and(stream::route(state.clone()))
+        .or(served_if(endpoints.publish).and(publish::route(state.clone())))
+        .unify()
         .or(health::routes(state))
         .or(preflight())
         .recover(handle_rejection)
@@ -68,6 +96,20 @@ pub(crate) fn with_state(
     state: Arc<State>,
 ) -> impl Filter<Extract = (Arc<State>,), Error = Infallible> + Clone {
     warp::any().map(move || state.clone())
+}
+
+/// Passes when the route is served on this listener; otherwise the path is "not found", as
+/// for any path the listener does not know.
+fn served_if(served: bool) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::any()
+        .and_then(move || async move {
+            if served {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
 }
 
 /// Answers CORS preflight requests for every path, allowing any origin and requested header.

@@ -1,28 +1,76 @@
-//! The accept loop: one task per connection, HTTP/1.1 or HTTP/2 (h2c with prior knowledge)
-//! chosen per connection by hyper-util's auto builder.
+//! The accept loop, the same for plaintext and TLS listeners: one task per connection, HTTP/1.1
+//! or HTTP/2 chosen per connection by hyper-util's auto builder. On plaintext that is HTTP/1.1
+//! or h2c with prior knowledge; on TLS the client's ALPN choice, `h2` or `http/1.1`.
 //!
 //! When `stop` fires the listener closes and every connection is asked to finish gracefully:
 //! HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY and lets open streams
 //! end. The returned future resolves once the last connection is gone.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use slog::{Logger, debug, error};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::Http2Config;
 
 /// Slow-loris guard: a client must finish sending request headers within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same guard for the TLS handshake, which happens before any header.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after an accept error such as running out of file descriptors, instead of spinning.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-pub async fn serve<S, B>(listener: TcpListener, service: S, stop: CancellationToken, log: Logger)
-where
+// HTTP/2 flow control, sized for this traffic: clients send headers and at most a 4 KiB
+// publish body, the service sends events of about a hundred bytes.
+/// What a client may send on one stream before the service reads it: a publish body fits.
+/// hyper's default, 1 MiB per stream, would let one connection park gigabytes in memory.
+const STREAM_RECEIVE_WINDOW: u32 = 16 * 1024;
+/// What a client may send on one connection before the service reads it, all streams together.
+const CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Bytes buffered per stream for a client that reads slowly; beyond it the stream waits and
+/// coalesces to the newest update instead of queueing (hyper's default is 400 KiB).
+const STREAM_SEND_BUFFER: usize = 16 * 1024;
+
+/// The connection settings every listener shares.
+pub fn connection_builder(http2: &Http2Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(http2.max_concurrent_streams)
+        .keep_alive_interval(http2.keepalive_interval.duration())
+        .keep_alive_timeout(http2.keepalive_timeout.duration())
+        .initial_stream_window_size(STREAM_RECEIVE_WINDOW)
+        .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
+        .max_send_buf_size(STREAM_SEND_BUFFER);
+    builder
+}
+
+/// Serves `listener` until `stop` fires and its connections have ended. With `tls`, each
+/// connection completes a TLS handshake first, in its own task, so a slow or broken handshake
+/// never holds up the accept loop or other connections.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+    stop: CancellationToken,
+    log: Logger,
+) where
     S: hyper::service::Service<
             Request<hyper::body::Incoming>,
             Response = Response<B>,
@@ -35,12 +83,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -56,17 +99,72 @@ where
         };
         // Events are small and latency matters more than packet count.
         let _ = socket.set_nodelay(true);
-        let connection = builder
-            .serve_connection(TokioIo::new(socket), service.clone())
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let log = log.clone();
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(log, "connection ended with an error"; "peer" => %peer, "error" => %err);
+        let connection = Connection {
+            builder: builder.clone(),
+            service: service.clone(),
+            watcher: graceful.watcher(),
+            peer,
+            log: log.clone(),
+        };
+        match &tls {
+            None => {
+                tokio::spawn(connection.serve(socket));
             }
-        });
+            Some(acceptor) => {
+                let handshake = acceptor.accept(socket);
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let handshake = tokio::select! {
+                        () = stop.cancelled() => return,
+                        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => handshake,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        Ok(Err(err)) => {
+                            debug!(connection.log, "tls handshake failed"; "peer" => %peer, "error" => %err);
+                        }
+                        Err(_) => {
+                            debug!(connection.log, "tls handshake timed out"; "peer" => %peer);
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// One accepted connection, before its protocol is known.
+struct Connection<S> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: S,
+    watcher: Watcher,
+    peer: SocketAddr,
+    log: Logger,
+}
+
+impl<S> Connection<S> {
+    async fn serve<I, B>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                Request<hyper::body::Incoming>,
+                Response = Response<B>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(io), self.service)
+            .into_owned();
+        if let Err(err) = self.watcher.watch(connection).await {
+            debug!(self.log, "connection ended with an error"; "peer" => %self.peer, "error" => %err);
+        }
+    }
 }

@@ -175,7 +175,10 @@ impl Service {
         let log = slog::Logger::root(slog::Discard, slog::o!());
         let task = tokio::spawn(flagsmith_sse::run(
             config,
-            Listeners { public },
+            Listeners {
+                public,
+                publish: None,
+            },
             control.clone(),
             log,
         ));

@@ -1,0 +1,283 @@
+//! TLS for the listeners: a certificate chain and key read from PEM files with
+//! `rustls-pki-types`' [`PemObject`] (the maintained successor of the archived
+//! `rustls-pemfile`), served by rustls with ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3 only.
+//!
+//! A listener's [`Certificate`] is also its rustls certificate resolver, so a reload swaps the
+//! pair for the handshakes that follow while established connections keep theirs.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, version};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the TLS {kind} file {path}: {source}")]
+    Read {
+        kind: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the TLS {kind} file {path} is not valid PEM: {source}")]
+    Pem {
+        kind: &'static str,
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("the TLS certificate file {0} holds no PEM certificate")]
+    NoCertificate(PathBuf),
+    #[error("the TLS key file {path} holds no usable private key: {source}")]
+    Key {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("the TLS key {key} does not belong to the certificate {certificate}: {source}")]
+    Mismatch {
+        certificate: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("cannot set up TLS: {0}")]
+    Setup(rustls::Error),
+}
+
+/// A listener's certificate and key, reloadable while connections stay open.
+#[derive(Debug)]
+pub struct Certificate {
+    files: TlsConfig,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificate {
+    /// Reads and checks the pair; a missing, unreadable or mismatched pair is an error.
+    pub fn load(files: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pair = read_pair(files, &provider)?;
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            provider,
+            current: RwLock::new(Arc::new(pair)),
+        }))
+    }
+
+    pub fn files(&self) -> &TlsConfig {
+        &self.files
+    }
+
+    /// Re-reads the files. New handshakes use the new pair; on error the current pair stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let pair = read_pair(&self.files, &self.provider)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        Ok(())
+    }
+
+    /// SHA-256 of the leaf certificate in hex, the fingerprint `openssl x509 -fingerprint
+    /// -sha256` shows, for the logs.
+    pub fn fingerprint(&self) -> String {
+        let current = self.current_pair();
+        let digest = Sha256::digest(current.cert.first().map_or(&[][..], |leaf| leaf.as_ref()));
+        digest.iter().fold(String::new(), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
+    }
+
+    /// A TLS acceptor offering HTTP/2 and HTTP/1.1, TLS 1.3 and 1.2, with this certificate.
+    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&version::TLS13, &version::TLS12])
+            .map_err(TlsError::Setup)?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // SDKs reconnect every `max_stream_age`; session tickets let them resume without a full
+        // handshake, which saves the service most of the handshake's CPU.
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Setup)?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    fn current_pair(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current_pair())
+    }
+}
+
+fn read_pair(files: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    let certificate_pem = read("certificate", &files.certificate_file)?;
+    let chain = CertificateDer::pem_slice_iter(&certificate_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            kind: "certificate",
+            path: files.certificate_file.clone(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate(files.certificate_file.clone()));
+    }
+    let key_pem = read("key", &files.key_file)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::Pem {
+        kind: "key",
+        path: files.key_file.clone(),
+        source,
+    })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|source| TlsError::Key {
+            path: files.key_file.clone(),
+            source,
+        })?;
+    let pair = CertifiedKey::new(chain, signing_key);
+    match pair.keys_match() {
+        // rustls cannot compare every kind of key; the handshake will tell.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(pair)
+        }
+        Err(source) => Err(TlsError::Mismatch {
+            certificate: files.certificate_file.clone(),
+            key: files.key_file.clone(),
+            source,
+        }),
+    }
+}
+
+fn read(kind: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        kind,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str) -> TlsConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        let files = TlsConfig {
+            certificate_file: dir.join(format!("{name}.crt")),
+            key_file: dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&files.certificate_file, certificate.pem()).unwrap();
+        std::fs::write(&files.key_file, key.serialize_pem()).unwrap();
+        files
+    }
+
+    fn load_error(files: &TlsConfig) -> String {
+        Certificate::load(files).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn loads_a_pair_and_reports_its_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pair(dir.path(), "a");
+        let certificate = Certificate::load(&files).unwrap();
+        certificate.acceptor().unwrap();
+        let der = CertificateDer::from_pem_file(&files.certificate_file).unwrap();
+        let expected: String = Sha256::digest(der.as_ref())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        assert_eq!(certificate.fingerprint(), expected);
+        assert_eq!(certificate.fingerprint().len(), 64);
+    }
+
+    #[test]
+    fn start_up_errors_name_the_file_and_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_pair(dir.path(), "a");
+        let b = write_pair(dir.path(), "b");
+
+        let missing = TlsConfig {
+            certificate_file: dir.path().join("nope.crt"),
+            ..a.clone()
+        };
+        let message = load_error(&missing);
+        assert!(
+            message.contains("cannot read the TLS certificate file"),
+            "{message}"
+        );
+        assert!(message.contains("nope.crt"), "{message}");
+
+        let mismatched = TlsConfig {
+            certificate_file: a.certificate_file.clone(),
+            key_file: b.key_file.clone(),
+        };
+        let message = load_error(&mismatched);
+        assert!(
+            message.contains("does not belong to the certificate"),
+            "{message}"
+        );
+        assert!(
+            message.contains("b.key") && message.contains("a.crt"),
+            "{message}"
+        );
+
+        let swapped = TlsConfig {
+            certificate_file: a.key_file.clone(),
+            key_file: a.certificate_file.clone(),
+        };
+        let message = load_error(&swapped);
+        assert!(message.contains("holds no PEM certificate"), "{message}");
+
+        let key_missing = TlsConfig {
+            certificate_file: a.certificate_file.clone(),
+            key_file: a.certificate_file.clone(),
+        };
+        let message = load_error(&key_missing);
+        assert!(message.contains("TLS key file"), "{message}");
+        assert!(message.contains("a.crt"), "{message}");
+
+        let garbage = dir.path().join("garbage.crt");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let message = load_error(&TlsConfig {
+            certificate_file: garbage,
+            ..a.clone()
+        });
+        assert!(message.contains("is not valid PEM"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_reload_keeps_the_current_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_pair(dir.path(), "a");
+        let certificate = Certificate::load(&files).unwrap();
+        let before = certificate.fingerprint();
+
+        std::fs::write(&files.key_file, "not a key").unwrap();
+        assert!(certificate.reload().is_err());
+        assert_eq!(certificate.fingerprint(), before);
+
+        let fresh = write_pair(dir.path(), "fresh");
+        std::fs::rename(&fresh.certificate_file, &files.certificate_file).unwrap();
+        std::fs::rename(&fresh.key_file, &files.key_file).unwrap();
+        certificate.reload().unwrap();
+        assert_ne!(certificate.fingerprint(), before);
+    }
+}
