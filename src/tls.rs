@@ -3,14 +3,16 @@
 //! `rustls-pemfile`), served by rustls with ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3 only.
 //!
 //! A listener's [`Certificate`] is also its rustls certificate resolver, so a reload swaps the
-//! pair for the handshakes that follow while established connections keep theirs.
+//! pair for the handshakes that follow while established connections keep theirs. A reload
+//! also replaces the session-ticket keys: a session begun under the old pair is not resumed
+//! under the new one, which matters when a pair is replaced because its key leaked.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, version};
 use rustls_pki_types::pem::PemObject;
@@ -57,6 +59,7 @@ pub struct Certificate {
     files: TlsConfig,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
+    tickets: Arc<TicketKeys>,
 }
 
 impl Certificate {
@@ -68,6 +71,7 @@ impl Certificate {
             files: files.clone(),
             provider,
             current: RwLock::new(Arc::new(pair)),
+            tickets: Arc::new(TicketKeys(RwLock::new(new_ticketer()?))),
         }))
     }
 
@@ -78,7 +82,9 @@ impl Certificate {
     /// Re-reads the files. New handshakes use the new pair; on error the current pair stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let pair = read_pair(&self.files, &self.provider)?;
+        let ticketer = new_ticketer()?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pair);
+        *self.tickets.0.write().unwrap_or_else(|p| p.into_inner()) = ticketer;
         Ok(())
     }
 
@@ -102,8 +108,10 @@ impl Certificate {
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // SDKs reconnect every `max_stream_age`; session tickets let them resume without a full
-        // handshake, which saves the service most of the handshake's CPU.
-        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Setup)?;
+        // handshake, which saves the service most of the handshake's CPU. Tickets only, no
+        // server-side session cache: its entries could not be dropped on reload.
+        config.ticketer = self.tickets.clone();
+        config.session_storage = Arc::new(NoServerSessionStorage {});
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 
@@ -119,6 +127,39 @@ impl ResolvesServerCert for Certificate {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current_pair())
     }
+}
+
+/// Session-ticket keys that a reload can replace. The keys inside also rotate on their own,
+/// every few hours, as rustls' ticketer does.
+#[derive(Debug)]
+struct TicketKeys(RwLock<Arc<dyn ProducesTickets>>);
+
+impl TicketKeys {
+    fn current(&self) -> Arc<dyn ProducesTickets> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ProducesTickets for TicketKeys {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.current().lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.current().encrypt(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.current().decrypt(cipher)
+    }
+}
+
+fn new_ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
+    rustls::crypto::ring::Ticketer::new().map_err(TlsError::Setup)
 }
 
 fn read_pair(files: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {

@@ -488,7 +488,10 @@ fn tls_and_the_publish_listener_come_from_toml_and_the_environment() {
         &[("site.toml", toml)],
         &[
             TOKEN_ENV,
-            ("FLAGSMITH_SSE_PUBLISH_TLS__CERTIFICATE_FILE", "/internal.crt"),
+            (
+                "FLAGSMITH_SSE_PUBLISH_TLS__CERTIFICATE_FILE",
+                "/internal.crt",
+            ),
             ("FLAGSMITH_SSE_PUBLISH_TLS__KEY_FILE", "/internal.key"),
             ("FLAGSMITH_SSE_HTTP2__KEEPALIVE_INTERVAL", "5"),
         ],
@@ -498,7 +501,9 @@ fn tls_and_the_publish_listener_come_from_toml_and_the_environment() {
     assert_eq!(tls.certificate_file, Path::new("/etc/tls/fullchain.pem"));
     assert_eq!(tls.key_file, Path::new("/etc/tls/key.pem"));
     assert_eq!(config.publish_listen, Some(addr("127.0.0.1:8089")));
-    let publish_tls = config.publish_tls.expect("publish_tls from the environment");
+    let publish_tls = config
+        .publish_tls
+        .expect("publish_tls from the environment");
     assert_eq!(publish_tls.certificate_file, Path::new("/internal.crt"));
     assert_eq!(publish_tls.key_file, Path::new("/internal.key"));
     assert_eq!(config.http2.max_concurrent_streams, 50);
@@ -518,7 +523,10 @@ fn publish_listen_must_differ_from_listen() {
     let toml = "listen = \"127.0.0.1:8088\"";
     let message = error(
         &[("site.toml", toml)],
-        &[TOKEN_ENV, ("FLAGSMITH_SSE_PUBLISH_LISTEN", "127.0.0.1:8088")],
+        &[
+            TOKEN_ENV,
+            ("FLAGSMITH_SSE_PUBLISH_LISTEN", "127.0.0.1:8088"),
+        ],
     );
     assert_mentions(
         &message,
@@ -541,8 +549,14 @@ fn publish_tls_needs_a_publish_listener() {
 #[test]
 fn http2_settings_must_be_positive() {
     for (key, toml) in [
-        ("http2.max_concurrent_streams", "[http2]\nmax_concurrent_streams = 0"),
-        ("http2.keepalive_interval", "[http2]\nkeepalive_interval = 0"),
+        (
+            "http2.max_concurrent_streams",
+            "[http2]\nmax_concurrent_streams = 0",
+        ),
+        (
+            "http2.keepalive_interval",
+            "[http2]\nkeepalive_interval = 0",
+        ),
         ("http2.keepalive_timeout", "[http2]\nkeepalive_timeout = 0"),
     ] {
         let message = error(&[("site.toml", toml)], &[TOKEN_ENV]);
@@ -763,7 +777,8 @@ fn example_with_every_setting() -> String {
         .map(|line| match line.strip_prefix("# ") {
             Some(setting)
                 if setting.split_once(" = ").is_some_and(|(key, _)| {
-                    key.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+                    key.chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
                 }) =>
             {
                 setting

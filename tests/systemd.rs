@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use common::http::{Connection, TestCertificate, connector, negotiated, tls_connect};
 use common::{Chunk, NatsServer, SseClient, body_at, event, publish};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixDatagram;
@@ -73,6 +74,8 @@ impl FakeSystemd {
 struct Daemon {
     child: Child,
     logs: mpsc::Receiver<serde_json::Value>,
+    /// Lines already taken from `logs` while waiting for another.
+    seen: Vec<serde_json::Value>,
 }
 
 impl Daemon {
@@ -113,27 +116,38 @@ impl Daemon {
                 }
             }
         });
-        Self { child, logs }
+        Self {
+            child,
+            logs,
+            seen: Vec::new(),
+        }
     }
 
-    /// The address from the start-up log line.
-    fn listen_addr(&self) -> SocketAddr {
+    /// Waits up to 10 s for the next log line with message `msg`.
+    fn wait_log(&mut self, msg: &str) -> serde_json::Value {
         loop {
             let line = self
                 .logs
                 .recv_timeout(Duration::from_secs(10))
-                .expect("a start-up log line");
-            if line["msg"] == "starting" {
-                // The effective configuration, as an object, with the token redacted.
-                assert!(line["config"]["max_stream_age"].is_number(), "{line}");
-                assert!(
-                    line["config"]["authentication_token"].is_null()
-                        || line["config"]["authentication_token"] == "<redacted>",
-                    "{line}"
-                );
-                return line["listen"].as_str().unwrap().parse().unwrap();
+                .unwrap_or_else(|_| panic!("no {msg:?} log line; log so far: {:?}", self.seen));
+            self.seen.push(line.clone());
+            if line["msg"] == msg {
+                return line;
             }
         }
+    }
+
+    /// The address from the start-up log line.
+    fn listen_addr(&mut self) -> SocketAddr {
+        let line = self.wait_log("starting");
+        // The effective configuration, as an object, with the token redacted.
+        assert!(line["config"]["max_stream_age"].is_number(), "{line}");
+        assert!(
+            line["config"]["authentication_token"].is_null()
+                || line["config"]["authentication_token"] == "<redacted>",
+            "{line}"
+        );
+        line["listen"].as_str().unwrap().parse().unwrap()
     }
 
     fn signal(&self, signal: &str) {
@@ -288,7 +302,7 @@ async fn ready_only_with_nats_then_reload_and_drain_on_signals() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_in_flight_publish_is_answered_during_shutdown() {
     let nats = NatsServer::start();
-    let daemon = Daemon::spawn(&[
+    let mut daemon = Daemon::spawn(&[
         ("NATS_URL", nats.url()),
         ("SSE_AUTHENTICATION_TOKEN", "t".to_owned()),
         ("FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD", "0".to_owned()),
@@ -396,4 +410,114 @@ fn a_bad_configuration_stops_start_up_with_exit_code_2() {
         message.to_lowercase().contains("max_stream_age"),
         "{message}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_tls_certificate_and_open_streams_carry_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestCertificate::generate(dir.path(), "first");
+    let files = first.files.clone();
+    std::fs::set_permissions(&files.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut daemon = Daemon::spawn(&[
+        ("SSE_AUTHENTICATION_TOKEN", common::TOKEN.to_owned()),
+        (
+            "FLAGSMITH_SSE_TLS__CERTIFICATE_FILE",
+            files.certificate_file.display().to_string(),
+        ),
+        (
+            "FLAGSMITH_SSE_TLS__KEY_FILE",
+            files.key_file.display().to_string(),
+        ),
+    ]);
+    let warning = daemon.wait_log("the tls key file is readable by other users");
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let loaded = daemon.wait_log("loaded the tls certificate");
+    assert_eq!(loaded["sha256"], first.fingerprint().as_str());
+    let addr = daemon.listen_addr();
+
+    let second = TestCertificate::generate(dir.path(), "second");
+    let trusting_both = connector(&[&first, &second], &["h2"]);
+    let open = tls_connect(addr, &trusting_both).await;
+    assert_eq!(negotiated(&open).1, first.fingerprint());
+    let mut open = Connection::tls(open).await;
+    let mut stream = open.subscribe("env").await;
+
+    // Replaced the way ACME clients do it, by renaming new files over the old ones.
+    std::fs::rename(&second.files.certificate_file, &files.certificate_file).unwrap();
+    std::fs::rename(&second.files.key_file, &files.key_file).unwrap();
+    daemon.signal("HUP");
+    let reloaded = daemon.wait_log("reloaded the tls certificate");
+    assert_eq!(reloaded["sha256"], second.fingerprint().as_str());
+
+    // The same client: its session ticket from before the reload does not resume.
+    let fresh = tls_connect(addr, &trusting_both).await;
+    assert_eq!(negotiated(&fresh).1, second.fingerprint());
+    assert_eq!(
+        fresh.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    let mut fresh = Connection::tls(fresh).await;
+    assert_eq!(fresh.publish("env", &body_at(1.5)).await.0, 200);
+    assert_eq!(stream.next_event().await, event("1.5"));
+
+    // A broken pair is refused with the reason, and the current one stays in service.
+    std::fs::write(&files.key_file, "-----BEGIN PRIVATE KEY-----\nbroken\n").unwrap();
+    daemon.signal("HUP");
+    let refused = daemon.wait_log("tls reload failed, keeping the current certificate");
+    let reason = refused["error"].as_str().unwrap();
+    assert!(
+        reason.contains(&files.key_file.display().to_string()),
+        "{refused}"
+    );
+    assert_eq!(refused["sha256"], second.fingerprint().as_str());
+    let after = tls_connect(addr, &trusting_both).await;
+    assert_eq!(negotiated(&after).1, second.fingerprint());
+    assert_eq!(
+        Connection::tls(after)
+            .await
+            .publish("env", &body_at(2.5))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(stream.next_event().await, event("2.5"));
+}
+
+#[test]
+fn a_missing_or_mismatched_certificate_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestCertificate::generate(dir.path(), "first");
+    let second = TestCertificate::generate(dir.path(), "second");
+    let missing = dir.path().join("missing.crt");
+    for (certificate, key, expected) in [
+        (
+            &missing,
+            &first.files.key_file,
+            "cannot read the TLS certificate file",
+        ),
+        (
+            &first.files.certificate_file,
+            &second.files.key_file,
+            "does not belong to the certificate",
+        ),
+    ] {
+        let mut daemon = Daemon::spawn(&[
+            ("SSE_AUTHENTICATION_TOKEN", "t".to_owned()),
+            (
+                "FLAGSMITH_SSE_TLS__CERTIFICATE_FILE",
+                certificate.display().to_string(),
+            ),
+            ("FLAGSMITH_SSE_TLS__KEY_FILE", key.display().to_string()),
+        ]);
+        let (code, _) = daemon.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(1));
+        let fatal = daemon.wait_log("fatal");
+        let error = fatal["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{fatal}");
+        assert!(
+            error.contains(&certificate.display().to_string()),
+            "{fatal}"
+        );
+    }
 }

@@ -2,6 +2,8 @@
 //! listener, and a raw HTTP/1.1 SSE client that shows each chunk exactly as written.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -163,27 +165,41 @@ pub fn wait_for_tcp(addr: SocketAddr) {
 
 pub struct Service {
     pub addr: SocketAddr,
+    /// The publish listener, when started with one.
+    pub publish_addr: Option<SocketAddr>,
     pub control: Control,
     task: tokio::task::JoinHandle<flagsmith_sse::Result<()>>,
 }
 
 impl Service {
     pub async fn start(config: Config) -> Self {
+        Self::start_listening(config, false).await
+    }
+
+    /// Starts the service with a publish listener beside the public one.
+    pub async fn start_with_publish_listener(config: Config) -> Self {
+        Self::start_listening(config, true).await
+    }
+
+    async fn start_listening(config: Config, publish_listener: bool) -> Self {
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = public.local_addr().unwrap();
+        let publish = match publish_listener {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let publish_addr = publish.as_ref().map(|l| l.local_addr().unwrap());
         let control = Control::default();
         let log = slog::Logger::root(slog::Discard, slog::o!());
         let task = tokio::spawn(flagsmith_sse::run(
             config,
-            Listeners {
-                public,
-                publish: None,
-            },
+            Listeners { public, publish },
             control.clone(),
             log,
         ));
         Self {
             addr,
+            publish_addr,
             control,
             task,
         }
