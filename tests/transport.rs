@@ -275,7 +275,7 @@ async fn http2_keep_alive_closes_dead_peers_and_keeps_live_ones() {
 }
 
 #[tokio::test]
-async fn broken_and_stalled_handshakes_leave_other_clients_alone() {
+async fn broken_handshakes_and_reset_connections_leave_other_clients_alone() {
     let dir = tempfile::tempdir().unwrap();
     let certificate = TestCertificate::generate(dir.path(), "server");
     let service = Service::start(tls_config(&certificate)).await;
@@ -312,6 +312,18 @@ async fn broken_and_stalled_handshakes_leave_other_clients_alone() {
             "{answer:?}"
         );
     }
+
+    // A client reset in the middle of its stream, after the headers.
+    let mut reset = tls_connect(service.addr, &certificate.connector(&["http/1.1"])).await;
+    reset
+        .write_all(b"GET /sse/environments/env/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0; 12];
+    reset.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    reset.get_ref().0.set_zero_linger().unwrap();
+    drop(reset);
 
     let mut after = Connection::tls(tls_connect(service.addr, &connector).await).await;
     let mut after_stream = after.subscribe("env").await;
