@@ -5,10 +5,11 @@
 mod common;
 
 use std::future::poll_fn;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::http::{Connection, Protocol, TestCertificate, negotiated, tls_connect};
+use common::http::{
+    Connection, Protocol, TestCertificate, connector_for_versions, negotiated, tls_connect,
+};
 use common::{Service, body_at, event, seconds, test_config};
 use flagsmith_sse::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,11 +23,16 @@ fn config() -> Config {
     config
 }
 
-fn tls_config(certificate: &TestCertificate) -> Config {
-    Config {
+/// The service with TLS on its public listener, the certificate it serves, and the directory
+/// holding the certificate's files.
+async fn tls_service() -> (Service, TestCertificate, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = TestCertificate::generate(dir.path(), "server");
+    let config = Config {
         tls: Some(certificate.files.clone()),
         ..config()
-    }
+    };
+    (Service::start(config).await, certificate, dir)
 }
 
 #[tokio::test]
@@ -50,9 +56,7 @@ async fn a_plaintext_port_serves_http1_and_h2c() {
 
 #[tokio::test]
 async fn tls_serves_http2_or_http1_as_the_client_asks() {
-    let dir = tempfile::tempdir().unwrap();
-    let certificate = TestCertificate::generate(dir.path(), "server");
-    let service = Service::start(tls_config(&certificate)).await;
+    let (service, certificate, _dir) = tls_service().await;
 
     let cases: [(&[&str], Option<&str>, Protocol); 4] = [
         (&["h2"], Some("h2"), Protocol::Http2),
@@ -83,19 +87,9 @@ async fn tls_serves_http2_or_http1_as_the_client_asks() {
 
 #[tokio::test]
 async fn tls_1_2_is_accepted_as_well_as_1_3() {
-    let dir = tempfile::tempdir().unwrap();
-    let certificate = TestCertificate::generate(dir.path(), "server");
-    let service = Service::start(tls_config(&certificate)).await;
+    let (service, certificate, _dir) = tls_service().await;
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(certificate.der.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = connector_for_versions(&[&certificate], &[], &[version]);
         let tls = tls_connect(service.addr, &connector).await;
         assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
         let (status, _) = Connection::tls(tls).await.get("/livez").await;
@@ -107,9 +101,7 @@ async fn tls_1_2_is_accepted_as_well_as_1_3() {
 #[tokio::test]
 async fn reconnecting_clients_resume_their_tls_session() {
     use rustls::HandshakeKind;
-    let dir = tempfile::tempdir().unwrap();
-    let certificate = TestCertificate::generate(dir.path(), "server");
-    let service = Service::start(tls_config(&certificate)).await;
+    let (service, certificate, _dir) = tls_service().await;
     let connector = certificate.connector(&["h2"]);
     let first = tls_connect(service.addr, &connector).await;
     assert_eq!(
@@ -130,9 +122,7 @@ async fn reconnecting_clients_resume_their_tls_session() {
 #[tokio::test]
 async fn hundreds_of_streams_on_one_http2_connection_all_get_the_update() {
     const STREAMS: usize = 500;
-    let dir = tempfile::tempdir().unwrap();
-    let certificate = TestCertificate::generate(dir.path(), "server");
-    let service = Service::start(tls_config(&certificate)).await;
+    let (service, certificate, _dir) = tls_service().await;
     let tls = tls_connect(service.addr, &certificate.connector(&["h2"])).await;
     let mut connection = Connection::tls(tls).await;
     assert_eq!(connection.protocol(), Protocol::Http2);
@@ -276,9 +266,7 @@ async fn http2_keep_alive_closes_dead_peers_and_keeps_live_ones() {
 
 #[tokio::test]
 async fn broken_handshakes_and_reset_connections_leave_other_clients_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let certificate = TestCertificate::generate(dir.path(), "server");
-    let service = Service::start(tls_config(&certificate)).await;
+    let (service, certificate, _dir) = tls_service().await;
     let connector = certificate.connector(&["h2"]);
     let mut before = Connection::tls(tls_connect(service.addr, &connector).await).await;
     let mut before_stream = before.subscribe("env").await;
@@ -332,4 +320,57 @@ async fn broken_handshakes_and_reset_connections_leave_other_clients_alone() {
     assert_eq!(after_stream.next_event().await, event("1.5"));
     drop(stalled);
     service.stop().await;
+}
+
+#[test]
+fn unusable_certificate_files_are_refused_with_the_file_and_the_reason() {
+    use flagsmith_sse::config::TlsConfig;
+    use flagsmith_sse::tls::Certificate;
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestCertificate::generate(dir.path(), "a").files;
+    let b = TestCertificate::generate(dir.path(), "b").files;
+    let garbage = dir.path().join("garbage.crt");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let cases = [
+        (
+            dir.path().join("missing.crt"),
+            a.key_file.clone(),
+            &["cannot read the TLS certificate file", "missing.crt"][..],
+        ),
+        (
+            a.certificate_file.clone(),
+            b.key_file.clone(),
+            &["does not belong to the certificate", "b.key", "a.crt"][..],
+        ),
+        (
+            a.key_file.clone(),
+            a.certificate_file.clone(),
+            &["holds no PEM certificate", "a.key"][..],
+        ),
+        (
+            a.certificate_file.clone(),
+            a.certificate_file.clone(),
+            &["TLS key file", "a.crt"][..],
+        ),
+        (
+            garbage,
+            a.key_file.clone(),
+            &["is not valid PEM", "garbage.crt"][..],
+        ),
+    ];
+    for (certificate_file, key_file, expected) in cases {
+        let files = TlsConfig {
+            certificate_file,
+            key_file,
+        };
+        let message = Certificate::load(&files).unwrap_err().to_string();
+        for part in expected {
+            assert!(message.contains(part), "{part:?} not in {message:?}");
+        }
+    }
+    assert!(Certificate::load(&a).is_ok());
 }

@@ -61,13 +61,22 @@ impl TestCertificate {
 
 /// A client that trusts `trusted` and offers `alpn` (empty: no ALPN).
 pub fn connector(trusted: &[&TestCertificate], alpn: &[&str]) -> TlsConnector {
+    connector_for_versions(trusted, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+/// A client as [`connector`] makes, limited to the TLS `versions`.
+pub fn connector_for_versions(
+    trusted: &[&TestCertificate],
+    alpn: &[&str],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in trusted {
         roots.add(certificate.der.clone()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
