@@ -29,6 +29,7 @@ pub mod shutdown;
 pub mod systemd;
 pub mod tls;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -66,22 +67,35 @@ pub async fn run(
     {
         warn!(log, "the token file is readable by other users"; "path" => %path.display());
     }
-    let public_tls = load_certificate(config.tls.as_ref(), &log)?;
-    let publish_tls = load_certificate(config.publish_tls.as_ref(), &log)?;
+    // Certificates first: a bad pair stops start-up before anything connects.
+    let (public_endpoints, publish_listener) = match listeners.publish {
+        Some(listener) => (http::Endpoints::STREAMS, Some(listener)),
+        None => (http::Endpoints::ALL, None),
+    };
+    let mut served = vec![Served::new(
+        "public",
+        listeners.public,
+        config.listen,
+        public_endpoints,
+        config.tls.as_ref(),
+        &log,
+    )?];
+    if let Some(listener) = publish_listener {
+        served.push(Served::new(
+            "publish",
+            listener,
+            config.publish_listen.unwrap_or(config.listen),
+            http::Endpoints::PUBLISH,
+            config.publish_tls.as_ref(),
+            &log,
+        )?);
+    }
     let hub = Arc::new(hub::Hub::new(config.retention.duration()));
     let backend = backend::start(&config, hub.clone(), &log).await?;
-    let local_addr = |listener: &TcpListener| {
-        listener.local_addr().map_err(|source| Error::Bind {
-            addr: config.listen.0,
-            source,
-        })
-    };
-    let public_addr = local_addr(&listeners.public)?;
-    let publish_addr = listeners.publish.as_ref().map(local_addr).transpose()?;
     info!(log, "starting";
-        "listen" => %public_addr,
-        "tls" => public_tls.is_some(),
-        "publish_listen" => publish_addr.map(|addr| addr.to_string()),
+        "listen" => %served[0].addr,
+        "tls" => served[0].certificate.is_some(),
+        "publish_listen" => served.get(1).map(|publish| publish.addr.to_string()),
         "backend" => backend.describe(),
         "config" => slog::Serde(config.redacted()));
 
@@ -107,29 +121,24 @@ pub async fn run(
     // clear 503 until the backend can store them.
     let builder = http::serve::connection_builder(&config.http2);
     let mut servers = tokio::task::JoinSet::new();
-    let public_endpoints = match listeners.publish {
-        Some(_) => http::Endpoints::STREAMS,
-        None => http::Endpoints::ALL,
-    };
-    servers.spawn(http::serve::serve(
-        listeners.public,
-        acceptor(public_tls.as_ref())?,
-        builder.clone(),
-        http::service(http::routes(state.clone(), public_endpoints)),
-        draining.clone(),
-        log.new(slog::o!("listener" => "public")),
-    ));
-    if let Some(listener) = listeners.publish {
+    let mut certificates = Vec::new();
+    for listener in served {
+        let acceptor = match &listener.certificate {
+            Some(certificate) => {
+                certificates.push((listener.name, certificate.clone()));
+                Some(certificate.acceptor()?)
+            }
+            None => None,
+        };
         servers.spawn(http::serve::serve(
-            listener,
-            acceptor(publish_tls.as_ref())?,
-            builder,
-            http::service(http::routes(state, http::Endpoints::PUBLISH)),
+            listener.listener,
+            acceptor,
+            builder.clone(),
+            http::service(http::routes(state.clone(), listener.endpoints)),
             draining.clone(),
-            log.new(slog::o!("listener" => "publish")),
+            log.new(slog::o!("listener" => listener.name)),
         ));
     }
-    let certificates: Vec<_> = public_tls.into_iter().chain(publish_tls).collect();
 
     let systemd = systemd::Notifier::start(&log);
     let background = CancellationToken::new();
@@ -154,11 +163,12 @@ pub async fn run(
                     Ok(changed) => info!(log, "reloaded"; "token_changed" => changed),
                     Err(err) => warn!(log, "reload failed, keeping the current token"; "error" => %err),
                 }
-                for certificate in &certificates {
-                    let file = certificate.files().certificate_file.display().to_string();
+                for (listener, certificate) in &certificates {
+                    let log = log.new(slog::o!("listener" => *listener));
                     match certificate.reload() {
                         Ok(()) => info!(log, "reloaded the tls certificate";
-                            "file" => file, "sha256" => certificate.fingerprint()),
+                            "file" => %certificate.files().certificate_file.display(),
+                            "sha256" => certificate.fingerprint()),
                         Err(err) => warn!(log, "tls reload failed, keeping the current certificate";
                             "error" => %err, "sha256" => certificate.fingerprint()),
                     }
@@ -187,28 +197,52 @@ pub async fn run(
     Ok(())
 }
 
-fn load_certificate(
-    files: Option<&config::TlsConfig>,
-    log: &Logger,
-) -> Result<Option<Arc<tls::Certificate>>> {
-    let Some(files) = files else {
-        return Ok(None);
-    };
-    let certificate = tls::Certificate::load(files)?;
-    if config::readable_by_others(&files.key_file) {
-        warn!(log, "the tls key file is readable by other users";
-            "path" => %files.key_file.display());
-    }
-    info!(log, "loaded the tls certificate";
-        "file" => %files.certificate_file.display(),
-        "sha256" => certificate.fingerprint());
-    Ok(Some(certificate))
+/// A bound listener with what it serves.
+struct Served {
+    /// For the logs: `public` or `publish`.
+    name: &'static str,
+    listener: TcpListener,
+    addr: SocketAddr,
+    endpoints: http::Endpoints,
+    certificate: Option<Arc<tls::Certificate>>,
 }
 
-fn acceptor(
-    certificate: Option<&Arc<tls::Certificate>>,
-) -> Result<Option<tokio_rustls::TlsAcceptor>> {
-    Ok(certificate.map(|c| c.acceptor()).transpose()?)
+impl Served {
+    fn new(
+        name: &'static str,
+        listener: TcpListener,
+        configured: config::ListenAddr,
+        endpoints: http::Endpoints,
+        tls: Option<&config::TlsConfig>,
+        log: &Logger,
+    ) -> Result<Self> {
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: configured.0,
+            source,
+        })?;
+        let certificate = match tls {
+            Some(files) => {
+                let certificate = tls::Certificate::load(files)?;
+                if config::readable_by_others(&files.key_file) {
+                    warn!(log, "the tls key file is readable by other users";
+                        "listener" => name, "path" => %files.key_file.display());
+                }
+                info!(log, "loaded the tls certificate";
+                    "listener" => name,
+                    "file" => %files.certificate_file.display(),
+                    "sha256" => certificate.fingerprint());
+                Some(certificate)
+            }
+            None => None,
+        };
+        Ok(Self {
+            name,
+            listener,
+            addr,
+            endpoints,
+            certificate,
+        })
+    }
 }
 
 fn spawn_sweeper(hub: Arc<hub::Hub>, stop: CancellationToken, log: Logger) {
