@@ -1,0 +1,232 @@
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkEnableOption mkIf mkOption types literalExpression;
+
+  cfg = config.services.flagsmith-sse;
+  settingsFormat = pkgs.formats.toml { };
+
+  # Secrets reach the service as systemd credentials: LoadCredential copies each file into
+  # the unit's credentials directory (%d), readable by the service alone, and the daemon is
+  # pointed at the copy. Nothing secret enters the Nix store.
+  credentials = lib.filterAttrs (_: credential: credential.source != null) {
+    authentication_token = {
+      source = cfg.authenticationTokenFile;
+      variable = "FLAGSMITH_SSE_AUTHENTICATION_TOKEN_FILE";
+    };
+    tls_certificate = {
+      source = cfg.tls.certificateFile;
+      variable = "FLAGSMITH_SSE_TLS__CERTIFICATE_FILE";
+    };
+    tls_key = {
+      source = cfg.tls.keyFile;
+      variable = "FLAGSMITH_SSE_TLS__KEY_FILE";
+    };
+    publish_tls_certificate = {
+      source = cfg.publishTls.certificateFile;
+      variable = "FLAGSMITH_SSE_PUBLISH_TLS__CERTIFICATE_FILE";
+    };
+    publish_tls_key = {
+      source = cfg.publishTls.keyFile;
+      variable = "FLAGSMITH_SSE_PUBLISH_TLS__KEY_FILE";
+    };
+  };
+  credentialEnvironment = directory:
+    lib.mapAttrs' (name: credential: lib.nameValuePair credential.variable "${directory}/${name}")
+      credentials;
+
+  configFile = settingsFormat.generate "flagsmith-sse.toml" cfg.settings;
+  # The daemon checks the configuration as it will run it, with the credential variables set;
+  # --check-config reads no secret file, so this works at build time.
+  checkedConfigFile = pkgs.runCommand "flagsmith-sse-config.toml"
+    {
+      nativeBuildInputs = [ cfg.package ];
+      env = credentialEnvironment "/run/credentials/flagsmith-sse.service";
+    } ''
+    flagsmith-sse --config ${configFile} --check-config
+    ln -s ${configFile} $out
+  '';
+
+  portOf = address: lib.toInt (lib.last (lib.splitString ":" address));
+  isStorePath = path: lib.hasPrefix "${builtins.storeDir}/" (toString path);
+
+  tlsOptions = listener: {
+    certificateFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/var/lib/acme/sse.example.com/fullchain.pem";
+      description = ''
+        PEM certificate chain (leaf first) for TLS on the ${listener} listener, delivered to
+        the service with `LoadCredential`. Re-read on `systemctl reload flagsmith-sse`.
+      '';
+    };
+    keyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/var/lib/acme/sse.example.com/key.pem";
+      description = ''
+        PEM private key of {option}`certificateFile`, delivered with `LoadCredential`; never
+        a path in the Nix store.
+      '';
+    };
+  };
+in
+{
+  options.services.flagsmith-sse = {
+    enable = mkEnableOption "flagsmith-sse, real-time Flagsmith flag updates over Server-Sent Events";
+
+    package = lib.mkPackageOption pkgs "flagsmith-sse" { };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        Configuration of the daemon, written as TOML; see `etc/flagsmith-sse.toml` in the
+        source for every key and its default. Secrets do not belong here: use
+        {option}`authenticationTokenFile` and the TLS file options.
+      '';
+      example = literalExpression ''
+        {
+          listen = "0.0.0.0:8443";
+          publish_listen = "10.0.0.5:8089";
+          max_stream_age = 60;
+          http2.max_concurrent_streams = 2000;
+        }
+      '';
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options.listen = mkOption {
+          type = types.str;
+          default = "0.0.0.0:8088";
+          description = ''
+            Address of the public listener (streams and health; publishes too unless
+            `publish_listen` is set). {option}`openFirewall` opens its port.
+          '';
+        };
+      };
+    };
+
+    authenticationTokenFile = mkOption {
+      type = types.path;
+      example = "/run/keys/flagsmith-sse-token";
+      description = ''
+        File holding the token Flagsmith's task processor sends as
+        `Authorization: Token <token>`. Delivered with `LoadCredential`; rotate it by replacing
+        the file and running `systemctl reload flagsmith-sse`. Must not be in the Nix store.
+      '';
+    };
+
+    tls = tlsOptions "public";
+    publishTls = tlsOptions "publish (`settings.publish_listen`)";
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the public listener's port. The publish listener, meant for an internal address,
+        stays closed.
+      '';
+    };
+
+    nats.createLocally = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run a JetStream NATS on this machine, bound to 127.0.0.1 ({option}`services.nats`),
+        and use it. Turn off to share a NATS with other instances: then set
+        `settings.backend = "nats"` and `settings.nats.url`.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions =
+      lib.mapAttrsToList
+        (name: credential: {
+          assertion = !isStorePath credential.source;
+          message = "services.flagsmith-sse: the file for the ${name} credential (${toString credential.source}) is in the Nix store, readable by every user; pass a path outside it.";
+        })
+        credentials
+      ++ lib.mapAttrsToList
+        (option: tls: {
+          assertion = (tls.certificateFile == null) == (tls.keyFile == null);
+          message = "services.flagsmith-sse.${option}: set both certificateFile and keyFile, or neither.";
+        })
+        { inherit (cfg) tls publishTls; };
+
+    services.flagsmith-sse.settings = mkIf cfg.nats.createLocally {
+      backend = "nats";
+      nats.url = "nats://127.0.0.1:${toString config.services.nats.port}";
+    };
+
+    services.nats = mkIf cfg.nats.createLocally {
+      enable = true;
+      jetstream = true;
+      settings.host = "127.0.0.1";
+    };
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ (portOf cfg.settings.listen) ];
+
+    systemd.services.flagsmith-sse = {
+      description = "flagsmith-sse, real-time Flagsmith flag updates";
+      documentation = [ "https://docs.flagsmith.com/advanced-use/real-time-flags" ];
+      wantedBy = [ "multi-user.target" ];
+      # The service rides out NATS restarts by itself: order after a local NATS, but do not
+      # let its restarts stop this unit.
+      wants = [ "network-online.target" ] ++ lib.optional cfg.nats.createLocally "nats.service";
+      after = [ "network-online.target" ] ++ lib.optional cfg.nats.createLocally "nats.service";
+      environment = credentialEnvironment "%d";
+
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe cfg.package} --config ${checkedConfigFile}";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        LoadCredential = lib.mapAttrsToList
+          (name: credential: "${name}:${toString credential.source}")
+          credentials;
+        Restart = "on-failure";
+        RestartSec = 2;
+        WatchdogSec = 30;
+        # READY=1 waits for the backend; while NATS is away the service already serves
+        # liveness and streams, so systemd should wait rather than kill it.
+        TimeoutStartSec = "infinity";
+        # Above the daemon's own shutdown.timeout, after which it exits by itself.
+        TimeoutStopSec = (cfg.settings.shutdown.timeout or 20) + 10;
+
+        # Every subscriber is a socket.
+        LimitNOFILE = 1048576;
+
+        DynamicUser = true;
+        UMask = "0077";
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateUsers = true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RemoveIPC = true;
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
+        # A filtered call fails instead of killing the process: with LimitNOFILE above, the
+        # daemon's attempt to raise its own limit is the one such call, and it is harmless.
+        SystemCallErrorNumber = "EPERM";
+      };
+    };
+  };
+}
