@@ -1,6 +1,7 @@
 # A throw-away fleet of one: a JetStream nats-server in a temporary directory and
 # flagsmith-sse wired to it, both stopped and the directory removed on exit.
-# Ports: SSE_PORT (default 8088) and NATS_PORT (default 14222).
+# Ports: SSE_PORT (default 8088) and NATS_PORT (default 14222). Streams end within a second
+# of Ctrl-C: a demo has no fleet to hand its clients over to.
 
 sse_port="${SSE_PORT:-8088}"
 nats_port="${NATS_PORT:-14222}"
@@ -46,6 +47,7 @@ NATS_URL="nats://127.0.0.1:$nats_port" \
   LISTEN_ADDR="127.0.0.1:$sse_port" \
   FLAGSMITH_SSE_AUTHENTICATION_TOKEN_FILE="$dir/token" \
   FLAGSMITH_SSE_NATS__STORAGE=memory \
+  FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD=1 \
   flagsmith-sse &
 pids+=("$!")
 wait "${pids[-1]}"

@@ -20,6 +20,7 @@ rustPlatform.buildRustPackage {
       ../src
       ../tests
       ../etc/flagsmith-sse.toml
+      ../nix/demo.sh
     ];
   };
 
