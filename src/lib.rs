@@ -68,9 +68,9 @@ pub async fn run(
         warn!(log, "the token file is readable by other users"; "path" => %path.display());
     }
     // Certificates first: a bad pair stops start-up before anything connects.
-    let (public_endpoints, publish_listener) = match listeners.publish {
-        Some(listener) => (http::Endpoints::STREAMS, Some(listener)),
-        None => (http::Endpoints::ALL, None),
+    let public_endpoints = match listeners.publish {
+        Some(_) => http::Endpoints::STREAMS,
+        None => http::Endpoints::ALL,
     };
     let mut served = vec![Served::new(
         "public",
@@ -80,7 +80,7 @@ pub async fn run(
         config.tls.as_ref(),
         &log,
     )?];
-    if let Some(listener) = publish_listener {
+    if let Some(listener) = listeners.publish {
         served.push(Served::new(
             "publish",
             listener,
