@@ -141,6 +141,16 @@ pub enum BackendKind {
     Nats,
 }
 
+impl BackendKind {
+    /// The name used in the configuration, and in metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Memory => "memory",
+            BackendKind::Nats => "nats",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {

@@ -4,15 +4,19 @@
 //! Each environment has a `watch` channel holding its newest event. A subscriber that reads
 //! slowly never holds anyone up and never queues anything: when it polls again it sees only the
 //! newest value. The event's bytes are built once per update and shared by every subscriber.
+//!
+//! Each update also carries its sequence within the environment, so that a subscriber can tell
+//! how many it skipped, and a [`FanOut`] that times its delivery to the local subscribers.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
+use crate::metrics::{FanOut, HubMetrics};
 
 /// The newest update of one environment, ready to write.
 #[derive(Debug, Clone)]
@@ -22,6 +26,10 @@ pub struct Event {
     pub frame: Bytes,
     /// When the backend stored the update; the retention window counts from here.
     pub stored_at: SystemTime,
+    /// 1 for the first update of the environment in this hub, then one more per update.
+    pub sequence: u64,
+    /// The subscribers that were waiting for this update when it arrived, counting down.
+    pub fanout: Arc<FanOut>,
 }
 
 /// What a subscriber watches: `None` until an update is known (or after it expired).
@@ -31,13 +39,15 @@ pub type Latest = watch::Receiver<Option<Event>>;
 pub struct Hub {
     environments: RwLock<HashMap<EnvironmentKey, watch::Sender<Option<Event>>>>,
     retention: Duration,
+    metrics: HubMetrics,
 }
 
 impl Hub {
-    pub fn new(retention: Duration) -> Self {
+    pub fn new(retention: Duration, metrics: HubMetrics) -> Self {
         Self {
             environments: RwLock::default(),
             retention,
+            metrics,
         }
     }
 
@@ -63,26 +73,58 @@ impl Hub {
         if self.is_expired(stored_at, SystemTime::now()) {
             return false;
         }
-        let event = || Event {
-            updated_at: update.updated_at,
-            frame: update.event_frame(),
-            stored_at,
-        };
-        let replace = |current: &mut Option<Event>| match current {
-            Some(known) if known.updated_at >= update.updated_at => false,
-            _ => {
-                *current = Some(event());
+        let send = |sender: &watch::Sender<Option<Event>>| {
+            let applied = sender.send_if_modified(|current| {
+                if current
+                    .as_ref()
+                    .is_some_and(|known| known.updated_at >= update.updated_at)
+                {
+                    return false;
+                }
+                let sequence = match current {
+                    Some(overtaken) => {
+                        overtaken.fanout.overtaken();
+                        overtaken.sequence + 1
+                    }
+                    None => 1,
+                };
+                // Counted while the value is locked: a subscriber arriving from now on sees
+                // this update as its first, not as a change it has to write.
+                let waiting = sender.receiver_count();
+                *current = Some(Event {
+                    updated_at: update.updated_at,
+                    frame: update.event_frame(),
+                    stored_at,
+                    sequence,
+                    fanout: Arc::new(FanOut::new(waiting, &self.metrics.fanout)),
+                });
                 true
+            });
+            if applied {
+                self.metrics.updates.inc();
             }
+            applied
         };
         if let Some(sender) = self.read().get(&update.key) {
-            return sender.send_if_modified(replace);
+            return send(sender);
         }
         let mut environments = self.write();
         let sender = environments
             .entry(update.key.clone())
             .or_insert_with(|| watch::Sender::new(None));
-        sender.send_if_modified(replace)
+        send(sender)
+    }
+
+    /// The fan-out of `key`'s newest update if it is later than `sequence`: what a subscriber
+    /// that last saw `sequence` still owes a write to when it leaves.
+    pub fn unwritten(&self, key: &EnvironmentKey, sequence: u64) -> Option<Arc<FanOut>> {
+        self.read().get(key).and_then(|sender| {
+            sender
+                .borrow()
+                .as_ref()
+                .filter(|event| event.sequence > sequence)
+                .map(|event| event.fanout.clone())
+        })
     }
 
     /// The newest known `updated_at` of `key` within retention.
@@ -102,20 +144,16 @@ impl Hub {
             .is_ok_and(|age| age > self.retention)
     }
 
-    /// Forgets updates older than the retention window and environments nobody watches.
-    /// Subscribers are not woken: an expired value is simply no longer offered on connect.
+    /// Forgets environments nobody watches whose update is older than the retention window.
+    /// A watched environment keeps its expired update, which is no longer offered on connect
+    /// but keeps its sequence for the subscribers counting from it.
     pub fn sweep(&self, now: SystemTime) {
         self.write().retain(|_, sender| {
-            sender.send_if_modified(|current| {
-                if current
+            sender.receiver_count() > 0
+                || sender
+                    .borrow()
                     .as_ref()
-                    .is_some_and(|event| self.is_expired(event.stored_at, now))
-                {
-                    *current = None;
-                }
-                false
-            });
-            sender.receiver_count() > 0 || sender.borrow().is_some()
+                    .is_some_and(|event| !self.is_expired(event.stored_at, now))
         });
     }
 
@@ -151,6 +189,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
 
     fn update(key: &str, at: f64) -> Update {
         Update {
@@ -161,7 +200,7 @@ mod tests {
 
     #[test]
     fn only_newer_updates_wake_subscribers() {
-        let hub = Hub::new(Duration::from_secs(3600));
+        let hub = Hub::new(Duration::from_secs(3600), Metrics::new("memory").hub);
         let mut rx = hub.subscribe(&EnvironmentKey::parse("env").unwrap());
         assert!(rx.borrow_and_update().is_none());
         assert!(hub.apply(&update("env", 10.5), SystemTime::now()));
@@ -180,20 +219,55 @@ mod tests {
     }
 
     #[test]
+    fn fanout_ends_with_the_last_waiting_subscriber() {
+        let metrics = Metrics::new("memory");
+        let hub = Hub::new(Duration::from_secs(3600), metrics.hub.clone());
+        let key = EnvironmentKey::parse("env").unwrap();
+        let (mut a, mut b) = (hub.subscribe(&key), hub.subscribe(&key));
+        let take = |rx: &mut Latest| rx.borrow_and_update().clone().unwrap();
+        let completed = || metrics.hub.fanout.get_sample_count();
+
+        hub.apply(&update("env", 1.0), SystemTime::now());
+        take(&mut a).fanout.written();
+        assert_eq!(completed(), 0, "b has not written it yet");
+        let first = take(&mut b);
+        first.fanout.written();
+        assert_eq!((first.sequence, completed()), (1, 1));
+
+        // The second update is overtaken before anyone writes it: only the third completes.
+        hub.apply(&update("env", 2.0), SystemTime::now());
+        hub.apply(&update("env", 3.0), SystemTime::now());
+        let third = take(&mut a);
+        assert_eq!(third.sequence, 3);
+        third.fanout.written();
+        take(&mut b).fanout.written();
+        assert_eq!(completed(), 2);
+        assert_eq!(metrics.hub.updates.get(), 3);
+    }
+
+    #[test]
     fn retention_drops_old_values_and_idle_environments() {
-        let hub = Hub::new(Duration::from_secs(60));
+        let hub = Hub::new(Duration::from_secs(60), Metrics::new("memory").hub);
         let long_ago = SystemTime::now() - Duration::from_secs(120);
         assert!(!hub.apply(&update("stale", 1.0), long_ago));
 
         let recent = SystemTime::now() - Duration::from_secs(30);
         assert!(hub.apply(&update("env", 1.0), recent));
         let key = EnvironmentKey::parse("env").unwrap();
+        assert_eq!(hub.latest(&key).map(UpdatedAt::as_secs_f64), Some(1.0));
         let watcher = hub.subscribe(&key);
-        hub.sweep(SystemTime::now() + Duration::from_secs(60));
-        assert_eq!(hub.latest(&key), None);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert!(hub.is_expired(recent, later));
+        hub.sweep(later);
         assert_eq!(hub.len(), 1, "a watched environment stays");
         drop(watcher);
         hub.sweep(SystemTime::now());
+        assert_eq!(
+            hub.len(),
+            1,
+            "an unwatched environment stays within retention"
+        );
+        hub.sweep(later);
         assert!(hub.is_empty());
     }
 }

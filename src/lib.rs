@@ -13,6 +13,7 @@
 //! - [`auth`]: the publish token, rotated on SIGHUP.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.
 //! - [`shutdown`]: signals, mapped to shutdown and reload.
+//! - [`metrics`]: the Prometheus metrics served at `/metricsz`.
 //! - [`logging`]: the slog logger.
 //!
 //! [`run`] ties them together; `main.rs` only parses the command line and binds.
@@ -25,6 +26,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod logging;
+pub mod metrics;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;
@@ -90,8 +92,12 @@ pub async fn run(
             &log,
         )?);
     }
-    let hub = Arc::new(hub::Hub::new(config.retention.duration()));
-    let backend = backend::start(&config, hub.clone(), &log).await?;
+    let metrics = Arc::new(metrics::Metrics::new(config.backend.name()));
+    let hub = Arc::new(hub::Hub::new(
+        config.retention.duration(),
+        metrics.hub.clone(),
+    ));
+    let backend = backend::start(&config, hub.clone(), &metrics, &log).await?;
     info!(log, "starting";
         "listen" => %served[0].addr,
         "tls" => served[0].certificate.is_some(),
@@ -115,11 +121,13 @@ pub async fn run(
         admission: admission.clone(),
         publish_timeout: config.publish_timeout.duration(),
         draining: draining.clone(),
+        metrics: metrics.clone(),
         log: log.clone(),
     });
     // Serve before the backend is ready: liveness answers, streams open, and publishes get a
     // clear 503 until the backend can store them.
     let builder = http::serve::connection_builder(&config.http2);
+    let connection_metrics = Arc::new(metrics.connections.clone());
     let mut servers = tokio::task::JoinSet::new();
     let mut certificates = Vec::new();
     for listener in served {
@@ -135,6 +143,7 @@ pub async fn run(
             acceptor,
             builder.clone(),
             http::service(http::routes(state.clone(), listener.endpoints)),
+            connection_metrics.clone(),
             draining.clone(),
             log.new(slog::o!("listener" => listener.name)),
         ));

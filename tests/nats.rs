@@ -10,6 +10,7 @@ use flagsmith_sse::backend::Backend;
 use flagsmith_sse::backend::nats::NatsBackend;
 use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
 use flagsmith_sse::hub::Hub;
+use flagsmith_sse::metrics::Metrics;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_on_one_instance_reaches_subscribers_on_another() {
@@ -60,8 +61,11 @@ async fn jetstream_deduplicates_by_message_id() {
     let nats = NatsServer::start();
     let config = nats_config(&nats);
     let log = slog::Logger::root(slog::Discard, slog::o!());
-    let hub = Arc::new(Hub::new(Duration::from_secs(3600)));
-    let backend = NatsBackend::start(&config.nats, hub, &log).await.unwrap();
+    let metrics = Metrics::new("nats");
+    let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
+    let backend = NatsBackend::start(&config.nats, hub, (metrics.backend, metrics.nats), &log)
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(10), backend.ready())
         .await
         .unwrap();

@@ -13,6 +13,7 @@ use futures_util::future::BoxFuture;
 use crate::config::{BackendKind, Config};
 use crate::domain::Update;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -49,10 +50,18 @@ pub trait Backend: Send + Sync + 'static {
 pub async fn start(
     config: &Config,
     hub: Arc<Hub>,
+    metrics: &Metrics,
     log: &slog::Logger,
 ) -> crate::Result<Arc<dyn Backend>> {
     Ok(match config.backend {
-        BackendKind::Memory => Arc::new(memory::MemoryBackend::new(hub)),
-        BackendKind::Nats => Arc::new(nats::NatsBackend::start(&config.nats, hub, log).await?),
+        BackendKind::Memory => {
+            // Nothing to connect to: always up.
+            metrics.backend.connected.set(1);
+            Arc::new(memory::MemoryBackend::new(hub))
+        }
+        BackendKind::Nats => {
+            let metrics = (metrics.backend.clone(), metrics.nats.clone());
+            Arc::new(nats::NatsBackend::start(&config.nats, hub, metrics, log).await?)
+        }
     })
 }

@@ -10,12 +10,14 @@
 //! skipped: with one message per subject, the newest one is always at or after that sequence.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
+use prometheus::IntCounter;
 use slog::{Logger, debug, error, info, warn};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,7 @@ use super::{Backend, BackendError};
 use crate::config::{NatsConfig, NatsStorage};
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 use crate::hub::Hub;
+use crate::metrics::{BackendMetrics, NatsMetrics};
 
 /// Subjects of all environments; one token per environment key follows the prefix.
 pub const SUBJECT_PREFIX: &str = "flagsmith.environment.";
@@ -42,6 +45,7 @@ pub struct NatsBackend {
     stop: CancellationToken,
     follower: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     servers: String,
+    metrics: NatsMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,32 +65,31 @@ pub enum NatsError {
 impl NatsBackend {
     /// Connects in the background (the service starts while NATS is down) and starts the
     /// consumer, which ensures the stream as soon as NATS answers.
-    pub async fn start(config: &NatsConfig, hub: Arc<Hub>, log: &Logger) -> crate::Result<Self> {
+    pub async fn start(
+        config: &NatsConfig,
+        hub: Arc<Hub>,
+        metrics: (BackendMetrics, NatsMetrics),
+        log: &Logger,
+    ) -> crate::Result<Self> {
+        let (backend_metrics, metrics) = metrics;
         let log = log.new(slog::o!("backend" => "nats"));
-        let events_log = log.clone();
         let (connected_tx, connected) = watch::channel(false);
-        let connected_tx = Arc::new(connected_tx);
+        let events = Arc::new(ConnectionEvents {
+            connected: connected_tx,
+            ever_connected: AtomicBool::new(false),
+            failure_logged: AtomicBool::new(false),
+            backend: backend_metrics,
+            connect_errors: metrics.connect.clone(),
+            log: log.clone(),
+        });
         let mut options = async_nats::ConnectOptions::new()
             .name("flagsmith-sse")
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
-                let log = events_log.clone();
-                let connected = connected_tx.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            info!(log, "nats connected");
-                            connected.send_replace(true);
-                        }
-                        async_nats::Event::Disconnected => {
-                            warn!(log, "nats disconnected");
-                            connected.send_replace(false);
-                        }
-                        other => info!(log, "nats event"; "event" => %other),
-                    }
-                }
+                let events = events.clone();
+                async move { events.record(event) }
             });
         if let Some(path) = &config.credentials_file {
             options =
@@ -114,6 +117,7 @@ impl NatsBackend {
             hub: hub.clone(),
             synced: synced_tx,
             connected,
+            metrics: metrics.clone(),
             log: log.clone(),
         };
         let task = tokio::spawn(follower.run(stop.clone()));
@@ -125,7 +129,52 @@ impl NatsBackend {
             stop,
             follower: tokio::sync::Mutex::new(Some(task)),
             servers: redact_url(&config.url),
+            metrics,
         })
+    }
+}
+
+/// What the client reports about its connection: the state for the follower and the
+/// metrics, and one log line per change of state.
+struct ConnectionEvents {
+    connected: watch::Sender<bool>,
+    ever_connected: AtomicBool,
+    /// Set once a failure was logged at warning since the last change of state: the client
+    /// retries several times a second during an outage, and each attempt reports an error.
+    failure_logged: AtomicBool,
+    backend: BackendMetrics,
+    connect_errors: IntCounter,
+    log: Logger,
+}
+
+impl ConnectionEvents {
+    fn record(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                if self.ever_connected.swap(true, Ordering::AcqRel) {
+                    self.backend.reconnects.inc();
+                }
+                self.backend.connected.set(1);
+                self.failure_logged.store(false, Ordering::Release);
+                info!(self.log, "backend state"; "state" => "connected");
+                self.connected.send_replace(true);
+            }
+            async_nats::Event::Disconnected => {
+                self.backend.connected.set(0);
+                self.failure_logged.store(false, Ordering::Release);
+                info!(self.log, "backend state"; "state" => "disconnected");
+                self.connected.send_replace(false);
+            }
+            async_nats::Event::ClientError(_) | async_nats::Event::ServerError(_) => {
+                self.connect_errors.inc();
+                if self.failure_logged.swap(true, Ordering::AcqRel) {
+                    debug!(self.log, "nats error"; "error" => %event);
+                } else {
+                    warn!(self.log, "nats error, retrying"; "error" => %event);
+                }
+            }
+            other => info!(self.log, "nats event"; "event" => %other),
+        }
     }
 }
 
@@ -134,6 +183,7 @@ impl Backend for NatsBackend {
         async move {
             // Queuing a publish while disconnected would only end in a timeout; answer now.
             if self.client.connection_state() != State::Connected {
+                self.metrics.publish.inc();
                 return Err(BackendError::Unavailable("not connected to NATS".into()));
             }
             let message = PublishMessage::build()
@@ -144,9 +194,14 @@ impl Backend for NatsBackend {
                 .jetstream
                 .send_publish(subject, message)
                 .await
-                .map_err(|err| BackendError::NotAcknowledged(err.to_string()))?;
-            ack.await
-                .map_err(|err| BackendError::NotAcknowledged(err.to_string()))?;
+                .map_err(|err| {
+                    self.metrics.publish.inc();
+                    BackendError::NotAcknowledged(err.to_string())
+                })?;
+            ack.await.map_err(|err| {
+                self.metrics.ack.inc();
+                BackendError::NotAcknowledged(err.to_string())
+            })?;
             // Stored: local subscribers need not wait for the consumer to bring it back, and
             // when it does, the same timestamp is not newer and changes nothing.
             self.hub.apply(&update, SystemTime::now());
@@ -209,6 +264,7 @@ struct Follower {
     synced: watch::Sender<bool>,
     /// The client's connection, as its events report it.
     connected: watch::Receiver<bool>,
+    metrics: NatsMetrics,
     log: Logger,
 }
 
@@ -249,11 +305,13 @@ impl Follower {
             Ok(_) => match self.jetstream.get_stream(&self.stream_config.name).await {
                 Ok(stream) => stream,
                 Err(err) => {
+                    self.metrics.create_jetstream.inc();
                     warn!(self.log, "cannot open stream"; "error" => %err);
                     return;
                 }
             },
             Err(err) => {
+                self.metrics.create_jetstream.inc();
                 warn!(self.log, "cannot ensure stream"; "stream" => &self.stream_config.name, "error" => %err);
                 return;
             }
@@ -282,16 +340,22 @@ impl Follower {
         {
             Ok(consumer) => consumer,
             Err(err) => {
+                self.metrics.create_consumer.inc();
                 warn!(self.log, "cannot create consumer"; "error" => %err);
                 return;
             }
         };
-        if consumer.cached_info().num_pending == 0 {
+        let pending = consumer.cached_info().num_pending;
+        self.metrics
+            .pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        if pending == 0 {
             self.mark_synced();
         }
         let mut messages = match consumer.messages().await {
             Ok(messages) => messages,
             Err(err) => {
+                self.metrics.pull.inc();
                 warn!(self.log, "cannot start consumer"; "error" => %err);
                 return;
             }
@@ -313,6 +377,7 @@ impl Follower {
             let message = match message {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
+                    self.metrics.pull.inc();
                     error!(self.log, "consumer failed"; "error" => %err);
                     return;
                 }
@@ -322,12 +387,19 @@ impl Follower {
                 }
             };
             let Ok(info) = message.info() else {
+                self.metrics.read.inc();
                 warn!(self.log, "message without jetstream metadata"; "subject" => %message.subject);
                 continue;
             };
             *last_sequence = Some(info.stream_sequence);
-            let stored_at = SystemTime::from(info.published);
+            self.metrics
+                .sequence
+                .set(i64::try_from(info.stream_sequence).unwrap_or(i64::MAX));
             let pending = info.pending;
+            self.metrics
+                .pending
+                .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            let stored_at = SystemTime::from(info.published);
             match parse_message(&message.subject, &message.payload) {
                 Ok(update) => {
                     if self.hub.apply(&update, stored_at) {
@@ -335,6 +407,7 @@ impl Follower {
                     }
                 }
                 Err(reason) => {
+                    self.metrics.read.inc();
                     warn!(self.log, "ignoring malformed message"; "subject" => %message.subject, "reason" => reason)
                 }
             }
@@ -345,8 +418,12 @@ impl Follower {
     }
 
     fn mark_synced(&self) {
-        self.synced
-            .send_if_modified(|synced| !std::mem::replace(synced, true));
+        if self
+            .synced
+            .send_if_modified(|synced| !std::mem::replace(synced, true))
+        {
+            info!(self.log, "backend state"; "state" => "ready");
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Liveness and readiness probes, under their names and the aliases existing deployments use:
 //! `/health` (v3) and the Flagsmith Helm chart's `/health/liveness/` and `/health/readiness/`.
+//! Every answer counts as a `healthcheck` write, and a readiness 503 as a `healthcheck` error.
 
 use std::sync::Arc;
 
@@ -19,7 +20,13 @@ pub fn routes(
         .unify()
         .or(warp::path!("health"))
         .unify();
-    let live = livez.and(warp::get()).map(|| status(StatusCode::OK, "ok"));
+    let live = livez
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|state: Arc<State>| {
+            state.metrics.writes.healthcheck.inc();
+            status(StatusCode::OK, "ok")
+        });
     let ready = readyz
         .and(warp::get())
         .and(with_state(state))
@@ -30,13 +37,16 @@ pub fn routes(
 /// Ready while the backend is connected and caught up, and the service is not draining.
 /// Reads local state only: probes never cause backend traffic.
 fn readiness(state: &State) -> warp::reply::Response {
-    if state.draining.is_cancelled() {
-        status(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    state.metrics.writes.healthcheck.inc();
+    let unready = if state.draining.is_cancelled() {
+        "shutting down"
     } else if state.backend.is_ready() {
-        status(StatusCode::OK, "ok")
+        return status(StatusCode::OK, "ok");
     } else {
-        status(StatusCode::SERVICE_UNAVAILABLE, "backend unavailable")
-    }
+        "backend unavailable"
+    };
+    state.metrics.errors.healthcheck.inc();
+    status(StatusCode::SERVICE_UNAVAILABLE, unready)
 }
 
 fn status(code: StatusCode, status: &str) -> warp::reply::Response {

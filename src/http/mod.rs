@@ -5,6 +5,7 @@
 //! and [`service`] swaps it for the [`stream::SseBody`] that writes the events.
 
 pub mod health;
+pub mod metricsz;
 pub mod publish;
 pub mod serve;
 pub mod stream;
@@ -22,6 +23,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::auth::Authenticator;
 use crate::backend::Backend;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 /// Everything the handlers share.
 pub struct State {
@@ -33,10 +35,12 @@ pub struct State {
     pub publish_timeout: Duration,
     /// Fires when shutdown begins: streams start ending and readiness turns 503.
     pub draining: CancellationToken,
+    pub metrics: Arc<Metrics>,
     pub log: slog::Logger,
 }
 
-/// Which routes a listener serves; health checks and CORS preflight are on every listener.
+/// Which routes a listener serves; health checks, metrics and CORS preflight are on every
+/// listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoints {
     pub streams: bool,
@@ -71,7 +75,8 @@ pub fn routes(
         .and(stream::route(state.clone()))
         .or(served_if(endpoints.publish).and(publish::route(state.clone())))
         .unify()
-        .or(health::routes(state))
+        .or(health::routes(state.clone()))
+        .or(metricsz::route(state))
         .or(preflight())
         .recover(handle_rejection)
         .with(warp::reply::with::header(
@@ -157,6 +162,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(&'static str),
+    #[error("The update could not be stored in time; retry later.")]
+    PublishTimeout,
     #[error("Too many open streams, retry later")]
     TooManyStreams,
     #[error("Request body is larger than {} bytes", publish::MAX_BODY_BYTES)]
@@ -164,12 +171,14 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::TooManyStreams => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::PublishTimeout | ApiError::TooManyStreams => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -178,7 +187,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::Unauthorized | ApiError::BadRequest(_) | ApiError::PayloadTooLarge => None,
-            ApiError::Unavailable(_) => Some(1),
+            ApiError::Unavailable(_) | ApiError::PublishTimeout => Some(1),
             ApiError::TooManyStreams => Some(rand::random_range(1..=10)),
         }
     }

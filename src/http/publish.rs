@@ -2,21 +2,30 @@
 //!
 //! `200` means the backend stored the update durably; the same update twice is one update.
 //! Flagsmith's client gives up after 2 s, so a slow backend is answered with `503` before then.
+//!
+//! Each request has an id, the caller's `X-Request-Id` or a new one, returned in the response
+//! and carried by its log lines; every refused request logs one warning.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BufMut, BytesMut};
 use futures_util::{Stream, StreamExt};
 use http::HeaderMap;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderName, HeaderValue};
 use slog::{debug, warn};
 use warp::{Filter, Reply};
 
 use super::{ApiError, State, with_state};
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// A `queue-change` body is `{"updated_at": "<ISO 8601>"}`: a few dozen bytes.
 pub const MAX_BODY_BYTES: usize = 4096;
+
+/// Request ids longer than this, from a proxy's `X-Request-Id`, are replaced by our own.
+const MAX_REQUEST_ID_BYTES: usize = 128;
 
 pub fn route(
     state: Arc<State>,
@@ -29,64 +38,136 @@ pub fn route(
         .then(queue_change)
 }
 
+/// How an accepted request ended, as `flagsmith_sse_publish_requests_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Stored,
+    /// Already known: a retry, or overtaken by a newer update.
+    Duplicate,
+}
+
 async fn queue_change(
     key: String,
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>>,
     state: Arc<State>,
 ) -> warp::reply::Response {
-    match accept(key, &headers, body, &state).await {
-        Ok(update) => warp::reply::json(&serde_json::json!({
-            "updated_at": update.updated_at.as_secs_f64(),
-        }))
-        .into_response(),
-        Err(err) => err.into_response(),
+    let started = Instant::now();
+    let request_id = request_id(&headers);
+    let log = state.log.new(slog::o!("request_id" => request_id.clone()));
+    let result = accept(&key, &headers, body, &state, &log).await;
+    let elapsed = started.elapsed();
+    let metrics = &state.metrics.publish;
+    metrics.duration.observe(elapsed.as_secs_f64());
+    let outcomes = &metrics.outcomes;
+    let mut response = match result {
+        Ok((update, outcome)) => {
+            match outcome {
+                Outcome::Stored => outcomes.stored.inc(),
+                Outcome::Duplicate => outcomes.duplicate.inc(),
+            }
+            warp::reply::json(&serde_json::json!({
+                "updated_at": update.updated_at.as_secs_f64(),
+            }))
+            .into_response()
+        }
+        Err(failure) => {
+            let outcome = match &failure.error {
+                ApiError::Unauthorized => &outcomes.unauthorized,
+                ApiError::BadRequest(_) => &outcomes.bad_request,
+                ApiError::PayloadTooLarge => &outcomes.too_large,
+                ApiError::PublishTimeout => &outcomes.timeout,
+                ApiError::Unavailable(_) | ApiError::TooManyStreams => &outcomes.unavailable,
+            };
+            outcome.inc();
+            let log = log.new(slog::o!(
+                "env" => key,
+                "status" => failure.error.status().as_u16(),
+                "duration_ms" => elapsed.as_secs_f64() * 1000.0));
+            match &failure.cause {
+                Some(cause) => {
+                    warn!(log, "publish failed"; "error" => %failure.error, "cause" => cause);
+                }
+                None => warn!(log, "publish failed"; "error" => %failure.error),
+            }
+            failure.error.into_response()
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(X_REQUEST_ID, value);
+    }
+    response
+}
+
+/// A refused request: what the client is told, and for the log, why.
+struct Failure {
+    error: ApiError,
+    /// The backend's reason, never sent to the client.
+    cause: Option<String>,
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Self {
+        Self { error, cause: None }
     }
 }
 
+/// The caller's `X-Request-Id` when it is a short printable token (proxies set one), or a new
+/// random one; it is logged with the request and returned in the response.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(X_REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_BYTES
+                && id.bytes().all(|byte| byte.is_ascii_graphic())
+        })
+        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned)
+}
+
 async fn accept(
-    key: String,
+    key: &str,
     headers: &HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>>,
     state: &State,
-) -> Result<Update, ApiError> {
+    log: &slog::Logger,
+) -> Result<(Update, Outcome), Failure> {
     let authorization = headers.get(AUTHORIZATION).map(|value| value.as_bytes());
     if !state.auth.verify(authorization) {
-        return Err(ApiError::Unauthorized);
+        return Err(ApiError::Unauthorized.into());
     }
-    let key = EnvironmentKey::from_path_segment(&key)
+    let key = EnvironmentKey::from_path_segment(key)
         .map_err(|err| ApiError::BadRequest(err.to_string()))?;
     let body = read_limited(headers, body).await?;
     let updated_at =
         UpdatedAt::from_body(&body).map_err(|err| ApiError::BadRequest(err.to_string()))?;
     let update = Update { key, updated_at };
-    let log = state.log.new(slog::o!("env" => update.key.to_string()));
     // Already stored (a retry, or overtaken by a newer change): nothing to publish.
     if state
         .hub
         .latest(&update.key)
         .is_some_and(|known| known >= update.updated_at)
     {
-        debug!(log, "update already known"; "updated_at" => %update.updated_at);
-        return Ok(update);
+        debug!(log, "update already known"; "env" => %update.key, "updated_at" => %update.updated_at);
+        return Ok((update, Outcome::Duplicate));
     }
     match tokio::time::timeout(state.publish_timeout, state.backend.publish(update.clone())).await {
         Ok(Ok(())) => {
-            debug!(log, "update stored"; "updated_at" => %update.updated_at);
-            Ok(update)
+            debug!(log, "update stored"; "env" => %update.key, "updated_at" => %update.updated_at);
+            Ok((update, Outcome::Stored))
         }
-        Ok(Err(err)) => {
-            warn!(log, "publish failed"; "error" => %err);
-            Err(ApiError::Unavailable(
-                "The update could not be stored; retry later.",
-            ))
-        }
-        Err(_) => {
-            warn!(log, "publish timed out"; "timeout_ms" => state.publish_timeout.as_millis());
-            Err(ApiError::Unavailable(
-                "The update could not be stored in time; retry later.",
-            ))
-        }
+        Ok(Err(err)) => Err(Failure {
+            error: ApiError::Unavailable("The update could not be stored; retry later."),
+            cause: Some(err.to_string()),
+        }),
+        Err(_) => Err(Failure {
+            error: ApiError::PublishTimeout,
+            cause: Some(format!(
+                "no answer from the backend within {} ms",
+                state.publish_timeout.as_millis()
+            )),
+        }),
     }
 }
 

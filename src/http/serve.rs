@@ -5,10 +5,16 @@
 //! When `stop` fires the listener closes and every connection is asked to finish gracefully:
 //! HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY and lets open streams
 //! end. The returned future resolves once the last connection is gone.
+//!
+//! Each connection is counted as open under the protocol its first bytes choose: HTTP/2 always
+//! starts with a fixed preface, anything else is HTTP/1.1.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,12 +22,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use slog::{Logger, debug, error};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Http2Config;
+use crate::metrics::{ConnectionMetrics, ProtocolCounters};
 
 /// Slow-loris guard: a client must finish sending request headers within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +75,7 @@ pub async fn serve<S, B>(
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
     service: S,
+    metrics: Arc<ConnectionMetrics>,
     stop: CancellationToken,
     log: Logger,
 ) where
@@ -104,6 +112,7 @@ pub async fn serve<S, B>(
             service: service.clone(),
             watcher: graceful.watcher(),
             peer,
+            metrics: metrics.clone(),
             log: log.clone(),
         };
         match &tls {
@@ -121,9 +130,11 @@ pub async fn serve<S, B>(
                     match handshake {
                         Ok(Ok(stream)) => connection.serve(stream).await,
                         Ok(Err(err)) => {
+                            connection.metrics.tls_handshake_errors.inc();
                             debug!(connection.log, "tls handshake failed"; "peer" => %peer, "error" => %err);
                         }
                         Err(_) => {
+                            connection.metrics.tls_handshake_errors.inc();
                             debug!(connection.log, "tls handshake timed out"; "peer" => %peer);
                         }
                     }
@@ -141,6 +152,7 @@ struct Connection<S> {
     service: S,
     watcher: Watcher,
     peer: SocketAddr,
+    metrics: Arc<ConnectionMetrics>,
     log: Logger,
 }
 
@@ -159,6 +171,12 @@ impl<S> Connection<S> {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let io = Counted {
+            io,
+            matched: 0,
+            open: None,
+            metrics: self.metrics,
+        };
         let connection = self
             .builder
             .serve_connection(TokioIo::new(io), self.service)
@@ -166,5 +184,98 @@ impl<S> Connection<S> {
         if let Err(err) = self.watcher.watch(connection).await {
             debug!(self.log, "connection ended with an error"; "peer" => %self.peer, "error" => %err);
         }
+    }
+}
+
+/// What every HTTP/2 connection sends first (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection's transport, counted in `flagsmith_sse_connections{protocol}` from its first
+/// bytes until it is dropped. After the protocol is known a read costs one branch.
+struct Counted<I> {
+    io: I,
+    /// Bytes of the HTTP/2 preface seen so far.
+    matched: usize,
+    /// The gauge this connection is counted in, once its protocol is known.
+    open: Option<prometheus::IntGauge>,
+    metrics: Arc<ConnectionMetrics>,
+}
+
+impl<I> Counted<I> {
+    fn sniff(&mut self, bytes: &[u8]) {
+        let expected = &HTTP2_PREFACE[self.matched..];
+        let compared = bytes.len().min(expected.len());
+        if bytes[..compared] != expected[..compared] {
+            self.count(|metrics| &metrics.http1);
+        } else {
+            self.matched += compared;
+            if self.matched == HTTP2_PREFACE.len() {
+                self.count(|metrics| &metrics.http2);
+            }
+        }
+    }
+
+    fn count(&mut self, protocol: impl Fn(&ConnectionMetrics) -> &ProtocolCounters) {
+        let counters = protocol(&self.metrics);
+        counters.accepted.inc();
+        counters.open.inc();
+        self.open = Some(counters.open.clone());
+    }
+}
+
+impl<I> Drop for Counted<I> {
+    fn drop(&mut self) {
+        if let Some(open) = &self.open {
+            open.dec();
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.open.is_none() && matches!(result, Poll::Ready(Ok(()))) {
+            let read = &buf.filled()[before..];
+            if !read.is_empty() {
+                this.sniff(read);
+            }
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

@@ -4,6 +4,9 @@
 //! `: ping` comment after `keepalive_interval` without a write, and ends cleanly after its
 //! lifetime (`max_stream_age` minus jitter) or during the drain after SIGTERM, each preceded by
 //! a short `retry:` so browsers come back quickly.
+//!
+//! A stream counts what it writes into the metrics (shared atomics, no lock) and, when it
+//! closes, logs one debug line with its duration and why it ended.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -20,7 +23,7 @@ use http_body::Frame;
 use http_body_util::Either;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use warp::Filter;
 
 use super::{ApiError, State, WarpBody, with_state};
@@ -82,10 +85,12 @@ impl Drop for StreamPermit {
 /// `Clone`; only one copy is ever taken out).
 #[derive(Clone)]
 pub struct Subscription {
+    key: EnvironmentKey,
     updates: Latest,
+    /// The newest update when the stream was admitted, if any.
+    current: Option<Event>,
     permit: Arc<StreamPermit>,
-    settings: StreamSettings,
-    draining: CancellationToken,
+    state: Arc<State>,
 }
 
 pub fn route(
@@ -103,13 +108,23 @@ fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
         Err(err) => return ApiError::BadRequest(err.to_string()).into_response(),
     };
     let Some(permit) = state.admission.try_acquire() else {
+        state.metrics.streams.closed.rejected.inc();
         return ApiError::TooManyStreams.into_response();
     };
+    let mut updates = state.hub.subscribe(&key);
+    // An update that landed since the line above counted this stream as waiting for it.
+    let landed = updates.has_changed().unwrap_or(false);
+    // Taken at once: every later update is a change this stream has to write.
+    let current = updates.borrow_and_update().clone();
+    if landed && let Some(event) = &current {
+        event.fanout.written();
+    }
     let subscription = Subscription {
-        updates: state.hub.subscribe(&key),
+        key,
+        updates,
+        current,
         permit: Arc::new(permit),
-        settings: state.streams,
-        draining: state.draining.clone(),
+        state,
     };
     let mut response = Response::new(warp::reply::Response::default().into_body());
     let headers = response.headers_mut();
@@ -136,57 +151,89 @@ pub fn attach_body(mut response: warp::reply::Response) -> Response<Either<WarpB
 enum Phase {
     Open,
     /// The ending `retry:` was written; the next poll ends the body.
-    Ending,
+    Ending(Planned),
+}
+
+/// Why a stream ends on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Planned {
+    MaxAge,
+    Shutdown,
+}
+
+/// The frames a stream writes, as the metrics name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Message {
+    Data,
+    Keepalive,
 }
 
 /// The body of one stream. Polled by the connection's task, it holds no task or queue of its
 /// own: a subscriber that reads slowly is simply polled less often and sees the newest event.
 pub struct SseBody {
+    key: EnvironmentKey,
     /// The newest update when the stream opened, if still within retention: written first.
     first: Option<Bytes>,
     /// Changes after the stream opened.
     updates: WatchStream<Option<Event>>,
     last_sent: Option<UpdatedAt>,
+    /// The sequence of the newest update this stream has taken, written or not.
+    sequence: u64,
     /// Fires at the end or at the keep-alive deadline as it was when last armed; writes in
     /// between do not re-arm it, so an event costs no timer operation.
     timer: Pin<Box<Sleep>>,
     last_write: Instant,
     ends_at: Option<Instant>,
+    /// Why the stream ends at `ends_at`.
+    planned: Planned,
     draining: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    settings: StreamSettings,
     phase: Phase,
+    opened_at: Instant,
+    /// The last frame handed to the connection: the one counted as failed if it breaks.
+    last_message: Option<Message>,
+    events_written: u64,
+    state: Arc<State>,
     _permit: Arc<StreamPermit>,
 }
 
 impl SseBody {
     fn new(subscription: Subscription) -> Self {
         let Subscription {
-            mut updates,
+            key,
+            updates,
+            current,
             permit,
-            settings,
-            draining,
+            state,
         } = subscription;
+        let settings = state.streams;
         let now = Instant::now();
         let ends_at = settings.max_age.map(|age| {
             let jitter = settings.max_age_jitter * rand::random::<f64>();
             now + age.mul_f64(1.0 - jitter)
         });
-        let current = updates.borrow_and_update().clone();
+        let sequence = current.as_ref().map_or(0, |event| event.sequence);
         let first = current.filter(|event| {
             SystemTime::now()
                 .duration_since(event.stored_at)
                 .map_or(true, |age| age <= settings.retention)
         });
+        state.metrics.streams.opened.inc();
         let mut body = Self {
+            key,
             last_sent: first.as_ref().map(|event| event.updated_at),
             first: first.map(|event| event.frame),
             updates: WatchStream::from_changes(updates),
+            sequence,
             timer: Box::pin(tokio::time::sleep_until(now)),
             last_write: now,
             ends_at,
-            draining: Some(Box::pin(draining.cancelled_owned())),
-            settings,
+            planned: Planned::MaxAge,
+            draining: Some(Box::pin(state.draining.clone().cancelled_owned())),
             phase: Phase::Open,
+            opened_at: now,
+            last_message: None,
+            events_written: 0,
+            state,
             _permit: permit,
         };
         body.arm();
@@ -195,19 +242,43 @@ impl SseBody {
 
     /// Sets the timer to the end or the next keep-alive, whichever comes first.
     fn arm(&mut self) {
-        let keepalive = self.last_write + self.settings.keepalive;
+        let keepalive = self.last_write + self.state.streams.keepalive;
         let wake = self.ends_at.map_or(keepalive, |end| end.min(keepalive));
         self.timer.as_mut().reset(wake);
     }
 
-    fn write(&mut self, frame: Bytes) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn write(
+        &mut self,
+        message: Message,
+        frame: Bytes,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.last_write = Instant::now();
+        self.last_message = Some(message);
+        let writes = &self.state.metrics.writes;
+        match message {
+            Message::Data => {
+                self.events_written += 1;
+                writes.data.inc();
+            }
+            Message::Keepalive => writes.keepalive.inc(),
+        }
         Poll::Ready(Some(Ok(Frame::data(frame))))
     }
 
-    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.phase = Phase::Ending;
+    fn end(&mut self, planned: Planned) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.phase = Phase::Ending(planned);
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(ENDING_FRAME)))))
+    }
+
+    /// Takes an update from the watch: the stream now owes its fan-out nothing for it, and
+    /// skipped the ones between the last it took and this one.
+    fn take(&mut self, event: &Event) {
+        event.fanout.written();
+        let skipped = event.sequence.saturating_sub(self.sequence + 1);
+        if skipped > 0 {
+            self.state.metrics.streams.coalesced.inc_by(skipped);
+        }
+        self.sequence = self.sequence.max(event.sequence);
     }
 }
 
@@ -220,50 +291,94 @@ impl http_body::Body for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if this.phase == Phase::Ending {
+        if let Phase::Ending(_) = this.phase {
             return Poll::Ready(None);
         }
         if let Some(first) = this.first.take() {
-            return this.write(first);
+            return this.write(Message::Data, first);
         }
         if let Some(draining) = this.draining.as_mut()
             && draining.poll_unpin(cx).is_ready()
         {
             // Spread the ends over the drain period so clients reconnect elsewhere gradually.
             this.draining = None;
-            let end = Instant::now() + this.settings.drain_period.mul_f64(rand::random::<f64>());
-            this.ends_at = Some(this.ends_at.map_or(end, |at| at.min(end)));
+            let end = Instant::now()
+                + this
+                    .state
+                    .streams
+                    .drain_period
+                    .mul_f64(rand::random::<f64>());
+            if this.ends_at.is_none_or(|at| end < at) {
+                this.ends_at = Some(end);
+                this.planned = Planned::Shutdown;
+            }
             this.arm();
         }
         loop {
             match Pin::new(&mut this.updates).poll_next(cx) {
-                // The hub only ever replaces a value with a newer one; the check guards the
-                // first change against the value already written at connect.
-                Poll::Ready(Some(Some(event)))
-                    if this.last_sent.is_none_or(|sent| event.updated_at > sent) =>
-                {
-                    this.last_sent = Some(event.updated_at);
-                    return this.write(event.frame);
+                Poll::Ready(Some(Some(event))) => {
+                    this.take(&event);
+                    // The hub only ever replaces a value with a newer one; the check guards
+                    // the first change against the value already written at connect.
+                    if this.last_sent.is_none_or(|sent| event.updated_at > sent) {
+                        this.last_sent = Some(event.updated_at);
+                        return this.write(Message::Data, event.frame);
+                    }
                 }
-                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(Some(None)) => continue,
                 // The hub is gone: the service is stopping.
-                Poll::Ready(None) => return this.end(),
+                Poll::Ready(None) => return this.end(Planned::Shutdown),
                 Poll::Pending => break,
             }
         }
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if this.ends_at.is_some_and(|end| now >= end) {
-                return this.end();
+                return this.end(this.planned);
             }
-            if now >= this.last_write + this.settings.keepalive {
-                this.last_write = now;
+            if now >= this.last_write + this.state.streams.keepalive {
+                let keepalive = this.write(Message::Keepalive, Bytes::from_static(KEEPALIVE_FRAME));
                 this.arm();
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEPALIVE_FRAME)))));
+                return keepalive;
             }
             // Written to since the timer was armed: wait for the keep-alive deadline.
             this.arm();
         }
         Poll::Pending
+    }
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        let metrics = &self.state.metrics;
+        let reason = match self.phase {
+            Phase::Ending(Planned::MaxAge) => {
+                metrics.streams.closed.max_age.inc();
+                "max_age"
+            }
+            Phase::Ending(Planned::Shutdown) => {
+                metrics.streams.closed.shutdown.inc();
+                "shutdown"
+            }
+            Phase::Open => {
+                metrics.streams.closed.client_gone.inc();
+                match self.last_message {
+                    Some(Message::Data) => metrics.errors.data.inc(),
+                    Some(Message::Keepalive) => metrics.errors.keepalive.inc(),
+                    None => {}
+                }
+                "client_gone"
+            }
+        };
+        // An update that arrived after the last one this stream took was counted as waiting
+        // for it; leaving settles that, or its fan-out would never complete.
+        if let Some(fanout) = self.state.hub.unwritten(&self.key, self.sequence) {
+            fanout.written();
+        }
+        slog::debug!(self.state.log, "stream ended";
+            "env" => %self.key,
+            "reason" => reason,
+            "duration_s" => self.opened_at.elapsed().as_secs_f64(),
+            "events" => self.events_written);
     }
 }
