@@ -55,6 +55,7 @@
             rustfmt
             nats-server
             natscli
+            prometheus.cli
             nixpkgs-fmt
           ];
         };

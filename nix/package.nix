@@ -1,6 +1,7 @@
 { lib
 , rustPlatform
 , nats-server
+, prometheus
 }:
 
 let
@@ -20,14 +21,16 @@ rustPlatform.buildRustPackage {
       ../src
       ../tests
       ../etc/flagsmith-sse.toml
+      ../etc/grafana/flagsmith-sse.json
       ../nix/demo.sh
     ];
   };
 
   cargoLock.lockFile = ../Cargo.lock;
 
-  # The tests start real nats-server processes on loopback.
-  nativeCheckInputs = [ nats-server ];
+  # The tests start real nats-server processes on loopback, and check /metricsz and the
+  # Grafana dashboard's queries with promtool.
+  nativeCheckInputs = [ nats-server prometheus.cli ];
   checkFlags = [
     # Needs the Flagsmith Python SDK from PyPI, which nixpkgs does not package; `.ci/run` and
     # the GitHub workflow run it.

@@ -137,6 +137,12 @@ impl Daemon {
         }
     }
 
+    /// Every log line so far, waited for or not.
+    fn all_logs(&mut self) -> &[serde_json::Value] {
+        self.seen.extend(self.logs.try_iter());
+        &self.seen
+    }
+
     /// The address from the start-up log line.
     fn listen_addr(&mut self) -> SocketAddr {
         let line = self.wait_log("starting");
@@ -520,4 +526,96 @@ fn a_missing_or_mismatched_certificate_stops_start_up() {
             "{fatal}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_show_backend_states_refused_publishes_and_stream_ends() {
+    let mut nats = NatsServer::start();
+    let mut daemon = Daemon::spawn(&[
+        ("NATS_URL", nats.url()),
+        ("SSE_AUTHENTICATION_TOKEN", "the-token".to_owned()),
+        ("FLAGSMITH_SSE_LOG__LEVEL", "debug".to_owned()),
+        ("FLAGSMITH_SSE_SHUTDOWN__DRAIN_PERIOD", "0".to_owned()),
+    ]);
+    let addr = daemon.listen_addr();
+    for state in ["connected", "ready"] {
+        let line = daemon.wait_log("backend state");
+        assert_eq!(
+            (&line["state"], &line["level"]),
+            (&state.into(), &"INFO".into())
+        );
+        assert_eq!(line["backend"], "nats");
+    }
+
+    // A subscriber that leaves: one debug line with its duration and why it ended.
+    let subscriber = SseClient::connect(addr, "/sse/environments/env/stream", &[]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(subscriber);
+    let ended = daemon.wait_log("stream ended");
+    assert_eq!(ended["level"], "DEBG");
+    assert_eq!(
+        (&ended["env"], &ended["reason"]),
+        (&"env".into(), &"client_gone".into())
+    );
+    let duration = ended["duration_s"].as_f64().unwrap();
+    assert!((0.2..5.0).contains(&duration), "{ended}");
+
+    // A refused publish: one warning with the caller's request id, never the token.
+    let refused = reqwest::Client::new()
+        .post(format!("http://{addr}/sse/environments/env/queue-change"))
+        .header("authorization", "Token a-wrong-token")
+        .header("x-request-id", "req-7")
+        .body(body_at(1.0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let failed = daemon.wait_log("publish failed");
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(
+        (&failed["request_id"], &failed["status"]),
+        (&"req-7".into(), &401.into())
+    );
+    assert!(!failed.to_string().contains("a-wrong-token"), "{failed}");
+
+    // NATS goes away: one state change, one warning however often the client retries, and
+    // publishes refused with the backend's reason.
+    nats.stop();
+    let disconnected = daemon.wait_log("backend state");
+    assert_eq!(disconnected["state"], "disconnected");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        publish(addr, "env", &body_at(2.0), Some("the-token"))
+            .await
+            .0,
+        503
+    );
+    let unavailable = daemon.wait_log("publish failed");
+    assert_eq!(unavailable["status"], 503);
+    assert!(
+        unavailable["cause"].as_str().unwrap().contains("NATS"),
+        "{unavailable}"
+    );
+    assert_eq!(unavailable["request_id"].as_str().unwrap().len(), 16);
+    let count =
+        |logs: &[serde_json::Value], msg: &str| logs.iter().filter(|l| l["msg"] == msg).count();
+    let logs = daemon.all_logs();
+    assert_eq!(count(logs, "nats error, retrying"), 1, "{logs:#?}");
+    assert!(
+        count(logs, "nats error") >= 1,
+        "the retries are still logged at debug"
+    );
+
+    nats.restart();
+    let back = daemon.wait_log("backend state");
+    assert_eq!(back["state"], "connected");
+
+    // Streams ended by the shutdown say so.
+    let mut open = SseClient::connect(addr, "/sse/environments/env/stream", &[]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    daemon.signal("TERM");
+    while let Some(Chunk::Data(_)) = open.next_chunk_within(Duration::from_secs(5)).await {}
+    let shutdown = daemon.wait_log("stream ended");
+    assert_eq!(shutdown["reason"], "shutdown", "{shutdown}");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).0, Some(0));
 }
