@@ -164,11 +164,20 @@ async fn the_publish_listener_takes_queue_change_off_the_public_one() {
     assert_eq!(internal.publish("env", &body_at(2.5)).await.0, 200);
     assert_eq!(subscriber.next_event().await, event("2.5"));
 
-    // Streams are not served on the publish listener; health is served on both.
+    // Streams are not served on the publish listener; health is served on both; metrics
+    // stay on the internal one.
     let (status, _) = internal.get("/sse/environments/env/stream").await;
     assert_eq!(status, 404);
     assert_eq!(internal.get("/readyz").await.0, 200);
     assert_eq!(service.readyz().await, 200);
+    let (status, metrics) = internal.get("/metricsz").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("flagsmith_sse_subscribers 1\n"),
+        "{metrics}"
+    );
+    let public = reqwest::get(service.url("/metricsz")).await.unwrap();
+    assert_eq!(public.status(), 404);
     service.stop().await;
 }
 

@@ -39,12 +39,13 @@ pub struct State {
     pub log: slog::Logger,
 }
 
-/// Which routes a listener serves; health checks, metrics and CORS preflight are on every
-/// listener.
+/// Which routes a listener serves; health checks and CORS preflight are on every listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoints {
     pub streams: bool,
     pub publish: bool,
+    /// `/metricsz`: on the internal listener when there is one.
+    pub metrics: bool,
 }
 
 impl Endpoints {
@@ -52,16 +53,19 @@ impl Endpoints {
     pub const ALL: Self = Self {
         streams: true,
         publish: true,
+        metrics: true,
     };
     /// The public listener beside a publish listener.
     pub const STREAMS: Self = Self {
         streams: true,
         publish: false,
+        metrics: false,
     };
-    /// The publish listener.
+    /// The publish listener, the internal one.
     pub const PUBLISH: Self = Self {
         streams: false,
         publish: true,
+        metrics: true,
     };
 }
 
@@ -76,7 +80,7 @@ pub fn routes(
         .or(served_if(endpoints.publish).and(publish::route(state.clone())))
         .unify()
         .or(health::routes(state.clone()))
-        .or(metricsz::route(state))
+        .or(served_if(endpoints.metrics).and(metricsz::route(state)))
         .or(preflight())
         .recover(handle_rejection)
         .with(warp::reply::with::header(
