@@ -43,6 +43,9 @@ pkgs.testers.runNixOSTest {
     machine.wait_until_succeeds("grep -q '^event: environment_updated$' /tmp/events")
     machine.succeed("grep -q '^data: {\"updated_at\": 1700000000.5}$' /tmp/events")
     machine.fail(f"curl -sf -X POST -H 'Authorization: Token wrong' -d '{{}}' {queue_change}")
+    metrics = machine.succeed("curl -sf http://127.0.0.1:8088/metricsz")
+    assert 'flagsmith_sse_publish_requests_total{outcome="stored"} 1' in metrics, metrics
+    assert 'flagsmith_sse_backend_ready{backend="nats"} 1' in metrics, metrics
 
     # Reload re-reads the credential (RELOADING=1, then READY=1) without dropping streams.
     machine.succeed("systemctl reload flagsmith-sse.service")
