@@ -122,6 +122,9 @@ impl NatsServer {
             .status()
             .unwrap();
         assert!(status.success());
+        if signal == "STOP" {
+            wait_until_stopped(pid);
+        }
     }
 
     /// Number of consumers on `stream`, read from the JetStream API.
@@ -136,6 +139,30 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Waits until every thread of `pid` is stopped. A busy machine can let a thread of a
+/// SIGSTOPped process run for a moment (seen here: nats-server still answering a PING), so a
+/// test that needs a frozen server waits for the kernel to say so.
+fn wait_until_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let stopped = tasks
+            .map(|task| task.unwrap().path().join("stat"))
+            .all(|stat| {
+                // The state follows the parenthesised command name.
+                std::fs::read_to_string(stat).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+            });
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
