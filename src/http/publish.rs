@@ -17,7 +17,7 @@ use slog::{debug, warn};
 use warp::{Filter, Reply};
 
 use super::{ApiError, State, with_state};
-use crate::domain::{EnvironmentKey, Update, UpdatedAt};
+use crate::domain::{EnvironmentKey, MAX_KEY_LEN, Update, UpdatedAt};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -80,8 +80,10 @@ async fn queue_change(
                 ApiError::Unavailable(_) | ApiError::TooManyStreams => &outcomes.unavailable,
             };
             outcome.inc();
+            // The path segment as sent, which may not be a key at all: bounded like one.
+            let env: String = key.chars().take(MAX_KEY_LEN).collect();
             let log = log.new(slog::o!(
-                "env" => key,
+                "env" => env,
                 "status" => failure.error.status().as_u16(),
                 "duration_ms" => elapsed.as_secs_f64() * 1000.0));
             match &failure.cause {
