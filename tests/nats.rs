@@ -63,7 +63,7 @@ async fn jetstream_deduplicates_by_message_id() {
     let log = slog::Logger::root(slog::Discard, slog::o!());
     let metrics = Metrics::new("nats");
     let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
-    let backend = NatsBackend::start(&config.nats, hub, (metrics.backend, metrics.nats), &log)
+    let backend = NatsBackend::start(&config.nats, hub, metrics.backend, metrics.nats, &log)
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), backend.ready())

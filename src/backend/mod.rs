@@ -59,9 +59,15 @@ pub async fn start(
             metrics.backend.connected.set(1);
             Arc::new(memory::MemoryBackend::new(hub))
         }
-        BackendKind::Nats => {
-            let metrics = (metrics.backend.clone(), metrics.nats.clone());
-            Arc::new(nats::NatsBackend::start(&config.nats, hub, metrics, log).await?)
-        }
+        BackendKind::Nats => Arc::new(
+            nats::NatsBackend::start(
+                &config.nats,
+                hub,
+                metrics.backend.clone(),
+                metrics.nats.clone(),
+                log,
+            )
+            .await?,
+        ),
     })
 }

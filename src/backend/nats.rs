@@ -68,10 +68,10 @@ impl NatsBackend {
     pub async fn start(
         config: &NatsConfig,
         hub: Arc<Hub>,
-        metrics: (BackendMetrics, NatsMetrics),
+        backend_metrics: BackendMetrics,
+        metrics: NatsMetrics,
         log: &Logger,
     ) -> crate::Result<Self> {
-        let (backend_metrics, metrics) = metrics;
         let log = log.new(slog::o!("backend" => "nats"));
         let (connected_tx, connected) = watch::channel(false);
         let events = Arc::new(ConnectionEvents {
