@@ -1,0 +1,637 @@
+//! The fan-out scenario: N subscribers over E environments, then numbered updates published
+//! through `queue-change`, each timed from the moment its publish was sent to the moment each
+//! subscriber read it.
+//!
+//! Phases: publish update 0 to every environment; connect every subscriber (each gets update 0
+//! as its first event, as a reconnecting SDK would); let the service settle and weigh it; publish
+//! updates 1..=U at a fixed interval; wait until every subscriber has the last one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use hyper::client::conn::http2;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Body, Protocol, Target};
+use crate::events::{Block, Numbering, SseReader};
+use crate::measure::{JetStream, Percentiles, ProcessSample, ProcessUse, StreamState};
+use crate::publish::Publisher;
+use crate::{Common, Error, seconds};
+
+/// Publishes of one round go out over this many connections at once.
+const PUBLISH_CONNECTIONS: usize = 8;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Base URL of the listener serving streams.
+    #[arg(long, default_value = "http://127.0.0.1:8088")]
+    url: String,
+    /// Base URL of the listener serving queue-change, when it is a separate one.
+    #[arg(long)]
+    publish_url: Option<String>,
+    /// Streams to open.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Environments the streams are spread over, round robin.
+    #[arg(long, default_value_t = 1)]
+    environments: usize,
+    /// HTTP version of the streams: 1 (a connection each) or 2 (multiplexed).
+    #[arg(long = "http", value_enum, default_value = "1")]
+    protocol: Protocol,
+    /// HTTP/2 streams per connection; keep it at or below the service's
+    /// http2.max_concurrent_streams.
+    #[arg(long, default_value_t = 500)]
+    streams_per_connection: usize,
+    /// Numbered updates to publish after update 0, to every environment.
+    #[arg(long, default_value_t = 10)]
+    updates: u64,
+    /// Seconds between two updates.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Seconds to wait once every stream is open, before weighing the idle service.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Seconds each phase (connecting, delivering) may take before the run gives up on it.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub protocol: Protocol,
+    pub subscribers: usize,
+    pub environments: usize,
+    pub connections: usize,
+    pub updates: u64,
+    /// Streams that answered `200` and delivered a first event.
+    pub connected: usize,
+    /// Streams that failed, by reason.
+    pub errors: BTreeMap<String, usize>,
+    /// Subscribers that received every update, 1..=U.
+    pub complete: usize,
+    /// (subscriber, update) pairs never received.
+    pub missed: u64,
+    /// Events that were not well-formed `environment_updated` events.
+    pub malformed: u64,
+    /// Streams the service ended (max_stream_age) that the subscriber opened again.
+    pub reopened: u64,
+    /// From starting to connect to the response headers.
+    pub connect: Option<Percentiles>,
+    /// From starting to connect to the first event (update 0, the newest when it connected).
+    pub first_event: Option<Percentiles>,
+    /// From sending a publish to reading the event, over every subscriber and update.
+    pub fanout: Option<Percentiles>,
+    /// `queue-change` round trips of updates 1..=U.
+    pub publish: Option<Percentiles>,
+    pub service: Option<ServiceUse>,
+    pub nats: Option<NatsUse>,
+    pub duration_seconds: f64,
+}
+
+impl Report {
+    /// Whether every subscriber connected and received every update.
+    pub fn is_complete(&self) -> bool {
+        self.connected == self.subscribers && self.complete == self.subscribers
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceUse {
+    /// RSS the open, idle streams added, per stream.
+    pub idle_rss_per_subscriber_kib: f64,
+    /// While the streams were opening (and settling).
+    pub connecting: ProcessUse,
+    /// While the updates were published and delivered.
+    pub delivering: ProcessUse,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NatsUse {
+    pub without_subscribers: StreamState,
+    pub with_subscribers: StreamState,
+}
+
+/// What the subscriber tasks and the publisher share.
+struct Shared {
+    started: Instant,
+    /// Per update and environment: when its publish was sent (µs since `started`).
+    published: Vec<AtomicU64>,
+    /// Per update: subscribers that have it.
+    arrived: Vec<AtomicUsize>,
+    /// Subscribers that failed for good.
+    failed: AtomicUsize,
+    /// Caps connections being opened; a subscriber holds a permit until its first event.
+    connecting: Semaphore,
+    numbering: Numbering,
+    environments: usize,
+    updates: u64,
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    fn published_at(&self, update: u64, environment: usize) -> u64 {
+        self.published[update as usize * self.environments + environment].load(Ordering::Acquire)
+    }
+
+    fn arrived(&self, update: u64) -> usize {
+        self.arrived[update as usize].load(Ordering::Acquire)
+    }
+
+    /// Waits until every subscriber still alive has `update`, or `limit` passes.
+    async fn wait_for_all(&self, update: u64, subscribers: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.arrived(update) + self.failed.load(Ordering::Acquire) >= subscribers {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// What one subscriber saw.
+struct Record {
+    environment: usize,
+    connect: Option<u64>,
+    first_event: Option<u64>,
+    /// Per update: when it was read (µs since the start), if it was.
+    received: Vec<Option<u64>>,
+    malformed: u64,
+    reopened: u64,
+    error: Option<String>,
+}
+
+/// How a subscriber reaches the service.
+#[derive(Clone)]
+enum Connection {
+    /// A new connection per stream, the `n`th of the run.
+    Http1(usize),
+    Http2(http2::SendRequest<Body>),
+}
+
+impl Args {
+    pub fn common(&self) -> &Common {
+        &self.common
+    }
+}
+
+pub async fn run(args: Args) -> Result<Report, Error> {
+    let common = &args.common;
+    if args.subscribers == 0 || args.environments == 0 || args.streams_per_connection == 0 {
+        return Err(
+            "--subscribers, --environments and --streams-per-connection must be > 0".into(),
+        );
+    }
+    let target = Arc::new(Target::new(
+        &args.url,
+        args.protocol,
+        common.ca_file.as_deref(),
+        common.sources,
+    )?);
+    let publish_target = Arc::new(Target::new(
+        args.publish_url.as_deref().unwrap_or(&args.url),
+        Protocol::Http1,
+        common.ca_file.as_deref(),
+        1,
+    )?);
+    let token = common.token()?;
+    let jetstream = match &common.nats_url {
+        Some(url) => Some(JetStream::connect(url, &common.nats_stream).await?),
+        None => None,
+    };
+    let limit = seconds("--timeout", args.timeout)?;
+    let run_id = crate::run_id();
+    let keys: Vec<String> = (0..args.environments)
+        .map(|e| format!("bench-{run_id}-{e}"))
+        .collect();
+    let slots = (args.updates as usize + 1) * args.environments;
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        published: (0..slots).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        arrived: (0..=args.updates).map(|_| AtomicUsize::new(0)).collect(),
+        failed: AtomicUsize::new(0),
+        connecting: Semaphore::new(args.connect_concurrency.max(1)),
+        numbering: Numbering::starting_now(),
+        environments: args.environments,
+        updates: args.updates,
+        stop: CancellationToken::new(),
+    });
+
+    let mut publishers = Vec::new();
+    for n in 0..PUBLISH_CONNECTIONS.min(args.environments) {
+        publishers.push(Publisher::connect(publish_target.clone(), n, &token).await?);
+    }
+    let nats_before = match &jetstream {
+        Some(jetstream) => Some(jetstream.state().await?),
+        None => None,
+    };
+    let mut publish_times = Vec::new();
+    publish_round(&mut publishers, &keys, 0, &shared, &mut publish_times).await?;
+    let before = common.pid.map(ProcessSample::read).transpose()?;
+
+    eprintln!(
+        "opening {} {} streams over {} environment(s)...",
+        args.subscribers, args.protocol, args.environments
+    );
+    let connections = connections(&args, &target).await?;
+    let connection_count = match args.protocol {
+        Protocol::Http1 => args.subscribers,
+        Protocol::Http2 => connections.len(),
+    };
+    let mut tasks = JoinSet::new();
+    for i in 0..args.subscribers {
+        let connection = match args.protocol {
+            Protocol::Http1 => Connection::Http1(i),
+            Protocol::Http2 => {
+                Connection::Http2(connections[i / args.streams_per_connection].clone())
+            }
+        };
+        let environment = i % args.environments;
+        tasks.spawn(subscribe(
+            target.clone(),
+            connection,
+            keys[environment].clone(),
+            environment,
+            shared.clone(),
+        ));
+    }
+    if !shared.wait_for_all(0, args.subscribers, limit).await {
+        eprintln!(
+            "only {} of {} streams delivered update 0 within {:?}",
+            shared.arrived(0),
+            args.subscribers,
+            limit
+        );
+    }
+    tokio::time::sleep(seconds("--settle", args.settle)?).await;
+    let idle = common.pid.map(ProcessSample::read).transpose()?;
+    let nats_with = match &jetstream {
+        Some(jetstream) => Some(jetstream.state().await?),
+        None => None,
+    };
+    let connected = shared.arrived(0);
+
+    eprintln!(
+        "{connected} streams open; publishing {} updates...",
+        args.updates
+    );
+    publish_times.clear();
+    let interval = seconds("--interval", args.interval)?;
+    let mut next = Instant::now();
+    for update in 1..=args.updates {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        publish_round(&mut publishers, &keys, update, &shared, &mut publish_times).await?;
+    }
+    if args.updates > 0
+        && !shared
+            .wait_for_all(args.updates, args.subscribers, limit)
+            .await
+    {
+        eprintln!(
+            "only {} of {} streams received the last update within {:?}",
+            shared.arrived(args.updates),
+            args.subscribers,
+            limit
+        );
+    }
+    let delivered = common.pid.map(ProcessSample::read).transpose()?;
+
+    shared.stop.cancel();
+    let mut records = Vec::with_capacity(args.subscribers);
+    while let Some(record) = tasks.join_next().await {
+        records.push(record?);
+    }
+    let service = match (before, idle, delivered) {
+        (Some(before), Some(idle), Some(delivered)) => Some(ServiceUse {
+            idle_rss_per_subscriber_kib: idle.rss_kib.saturating_sub(before.rss_kib) as f64
+                / connected.max(1) as f64,
+            connecting: ProcessUse::between(before, idle),
+            delivering: ProcessUse::between(idle, delivered),
+        }),
+        _ => None,
+    };
+    let nats = match (nats_before, nats_with) {
+        (Some(without_subscribers), Some(with_subscribers)) => Some(NatsUse {
+            without_subscribers,
+            with_subscribers,
+        }),
+        _ => None,
+    };
+    Ok(summarise(
+        &args,
+        connection_count,
+        &shared,
+        records,
+        publish_times,
+        service,
+        nats,
+    ))
+}
+
+/// The HTTP/2 connections the streams share; none for HTTP/1.1, whose streams connect alone.
+async fn connections(
+    args: &Args,
+    target: &Arc<Target>,
+) -> Result<Vec<http2::SendRequest<Body>>, Error> {
+    if args.protocol == Protocol::Http1 {
+        return Ok(Vec::new());
+    }
+    let count = args.subscribers.div_ceil(args.streams_per_connection);
+    let mut opening = JoinSet::new();
+    let mut connections = Vec::with_capacity(count);
+    for n in 0..count {
+        let target = target.clone();
+        opening.spawn(async move { (n, target.http2(n).await) });
+        if opening.len() >= args.connect_concurrency.max(1) {
+            connections.push(opening.join_next().await.expect("one is running")?);
+        }
+    }
+    while let Some(opened) = opening.join_next().await {
+        connections.push(opened?);
+    }
+    connections.sort_by_key(|(n, _)| *n);
+    connections
+        .into_iter()
+        .map(|(_, connection)| connection)
+        .collect()
+}
+
+/// Publishes `update` to every environment, spread over the publishers.
+async fn publish_round(
+    publishers: &mut [Publisher],
+    keys: &[String],
+    update: u64,
+    shared: &Shared,
+    times: &mut Vec<u64>,
+) -> Result<(), Error> {
+    let count = publishers.len();
+    let rounds = publishers
+        .iter_mut()
+        .enumerate()
+        .map(|(p, publisher)| async move {
+            let mut times = Vec::new();
+            for environment in (p..keys.len()).step_by(count) {
+                let body = shared.numbering.body(update);
+                let sent = shared.now();
+                shared.published[update as usize * shared.environments + environment]
+                    .store(sent, Ordering::Release);
+                let status = publisher.publish(&keys[environment], body).await?;
+                if status != 200 {
+                    return Err(Error::from(format!(
+                        "queue-change for {} answered {status}",
+                        keys[environment]
+                    )));
+                }
+                times.push(shared.now() - sent);
+            }
+            Ok(times)
+        });
+    for round in futures_util::future::join_all(rounds).await {
+        times.extend(round?);
+    }
+    Ok(())
+}
+
+/// One subscriber: opens its stream, reads events until the run stops, and opens it again if
+/// the service ends it, as SDKs do.
+async fn subscribe(
+    target: Arc<Target>,
+    connection: Connection,
+    key: String,
+    environment: usize,
+    shared: Arc<Shared>,
+) -> Record {
+    let mut record = Record {
+        environment,
+        connect: None,
+        first_event: None,
+        received: vec![None; shared.updates as usize + 1],
+        malformed: 0,
+        reopened: 0,
+        error: None,
+    };
+    let permit = shared.connecting.acquire().await.expect("never closed");
+    let mut permit = Some(permit);
+    let path = format!("/sse/environments/{key}/stream");
+    loop {
+        let stream = tokio::select! {
+            () = shared.stop.cancelled() => return record,
+            stream = read_stream(&target, &connection, &path, &shared, &mut record, &mut permit) => stream,
+        };
+        match stream {
+            Ok(()) if record.first_event.is_some() => record.reopened += 1,
+            Ok(()) => {
+                record.error = Some("stream ended before its first event".into());
+                break;
+            }
+            Err(err) => {
+                record.error = Some(err.to_string());
+                break;
+            }
+        }
+    }
+    shared.failed.fetch_add(1, Ordering::AcqRel);
+    record
+}
+
+/// Reads one stream until the service ends it.
+async fn read_stream(
+    target: &Target,
+    connection: &Connection,
+    path: &str,
+    shared: &Shared,
+    record: &mut Record,
+    permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
+) -> Result<(), Error> {
+    let started = shared.now();
+    let request = target.request(http::Method::GET, path, Bytes::new());
+    let response = match connection {
+        Connection::Http1(n) => {
+            let mut sender = target.http1(*n).await?;
+            sender.ready().await?;
+            sender.send_request(request).await?
+        }
+        Connection::Http2(sender) => {
+            let mut sender = sender.clone();
+            sender.ready().await?;
+            sender.send_request(request).await?
+        }
+    };
+    if response.status() != StatusCode::OK {
+        return Err(format!("stream answered {}", response.status()).into());
+    }
+    record.connect.get_or_insert(shared.now() - started);
+    let mut body = response.into_body();
+    let mut reader = SseReader::default();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        let now = shared.now();
+        reader.push(&data, |block| match block {
+            Block::Update(updated_at) => {
+                record.first_event.get_or_insert(now - started);
+                let Some(update) = shared.numbering.number(updated_at) else {
+                    record.malformed += 1;
+                    return;
+                };
+                match record.received.get_mut(update as usize) {
+                    Some(slot @ None) => {
+                        *slot = Some(now);
+                        shared.arrived[update as usize].fetch_add(1, Ordering::AcqRel);
+                    }
+                    // Again, after the stream was opened anew.
+                    Some(Some(_)) => {}
+                    None => record.malformed += 1,
+                }
+            }
+            Block::Control => {}
+            Block::Malformed => record.malformed += 1,
+        });
+        if record.first_event.is_some() {
+            permit.take();
+        }
+    }
+    Ok(())
+}
+
+fn summarise(
+    args: &Args,
+    connections: usize,
+    shared: &Shared,
+    records: Vec<Record>,
+    publish_times: Vec<u64>,
+    service: Option<ServiceUse>,
+    nats: Option<NatsUse>,
+) -> Report {
+    let mut errors = BTreeMap::new();
+    let (mut connect, mut first_event, mut fanout) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut complete, mut missed, mut malformed, mut reopened) = (0, 0, 0, 0);
+    for record in &records {
+        if let Some(error) = &record.error {
+            *errors.entry(error.clone()).or_insert(0) += 1;
+        }
+        connect.extend(record.connect);
+        first_event.extend(record.first_event);
+        malformed += record.malformed;
+        reopened += record.reopened;
+        let mut missing = 0;
+        for update in 1..=args.updates {
+            match record.received[update as usize] {
+                Some(at) => {
+                    fanout.push(at.saturating_sub(shared.published_at(update, record.environment)))
+                }
+                None => missing += 1,
+            }
+        }
+        if missing == 0 && record.first_event.is_some() {
+            complete += 1;
+        }
+        missed += missing;
+    }
+    Report {
+        protocol: args.protocol,
+        subscribers: args.subscribers,
+        environments: args.environments,
+        connections,
+        updates: args.updates,
+        connected: records
+            .iter()
+            .filter(|record| record.first_event.is_some())
+            .count(),
+        errors,
+        complete,
+        missed,
+        malformed,
+        reopened,
+        connect: Percentiles::of(connect),
+        first_event: Percentiles::of(first_event),
+        fanout: Percentiles::of(fanout),
+        publish: Percentiles::of(publish_times),
+        service,
+        nats,
+        duration_seconds: shared.started.elapsed().as_secs_f64(),
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "fan-out: {} {} subscribers on {} connection(s), {} environment(s), {} updates, {:.1} s",
+            self.subscribers,
+            self.protocol,
+            self.connections,
+            self.environments,
+            self.updates,
+            self.duration_seconds
+        )?;
+        writeln!(
+            f,
+            "  connected       {} of {}; every update received by {} ({} deliveries missed, {} malformed, {} streams reopened)",
+            self.connected,
+            self.subscribers,
+            self.complete,
+            self.missed,
+            self.malformed,
+            self.reopened
+        )?;
+        for (error, count) in &self.errors {
+            writeln!(f, "  failed          {count} × {error}")?;
+        }
+        let line = |f: &mut std::fmt::Formatter<'_>, name: &str, figures: &Option<Percentiles>| {
+            match figures {
+                Some(figures) => writeln!(f, "  {name:<15} {figures}"),
+                None => writeln!(f, "  {name:<15} -"),
+            }
+        };
+        line(f, "connect", &self.connect)?;
+        line(f, "first event", &self.first_event)?;
+        line(f, "fan-out", &self.fanout)?;
+        line(f, "publish", &self.publish)?;
+        if let Some(service) = &self.service {
+            writeln!(
+                f,
+                "  service RSS     {} KiB before, {} KiB with streams open: {:.2} KiB per idle subscriber",
+                service.connecting.rss_before_kib,
+                service.connecting.rss_after_kib,
+                service.idle_rss_per_subscriber_kib
+            )?;
+            writeln!(
+                f,
+                "  service CPU     {:.2} s while connecting, {:.2} s while delivering",
+                service.connecting.cpu_seconds, service.delivering.cpu_seconds
+            )?;
+        }
+        if let Some(nats) = &self.nats {
+            writeln!(
+                f,
+                "  NATS consumers  {} without subscribers, {} with {} open",
+                nats.without_subscribers.consumers, nats.with_subscribers.consumers, self.connected
+            )?;
+        }
+        Ok(())
+    }
+}
