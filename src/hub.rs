@@ -9,6 +9,7 @@
 //! how many it skipped, and a [`FanOut`] that times its delivery to the local subscribers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -39,6 +40,8 @@ pub type Latest = watch::Receiver<Option<Event>>;
 pub struct Hub {
     environments: RwLock<HashMap<EnvironmentKey, watch::Sender<Option<Event>>>>,
     retention: Duration,
+    /// Set once at shutdown: every stream plans its end.
+    draining: AtomicBool,
     metrics: HubMetrics,
 }
 
@@ -47,8 +50,25 @@ impl Hub {
         Self {
             environments: RwLock::default(),
             retention,
+            draining: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// Starts the drain: wakes every subscriber, which then sees [`Hub::is_draining`]. The
+    /// value they watch stays as it is, so they write nothing for this wake.
+    ///
+    /// Streams learn of the drain this way, through the channel they already watch, instead
+    /// of each also waiting on a shutdown signal that every poll would have to check.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        for sender in self.read().values() {
+            sender.send_modify(|_| {});
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// How long an update stays known after it was stored.

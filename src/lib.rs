@@ -194,6 +194,7 @@ pub async fn run(
         "drain_period_s" => config.shutdown.drain_period.duration().as_secs_f64(),
         "timeout_s" => timeout.as_secs_f64());
     draining.cancel();
+    hub.drain();
     if tokio::time::timeout(timeout, servers.join_all())
         .await
         .is_err()

@@ -16,14 +16,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, Stream};
+use futures_util::Stream;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::Frame;
 use http_body_util::Either;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 use warp::Filter;
 
 use super::{ApiError, State, WarpBody, with_state};
@@ -186,7 +185,8 @@ pub struct SseBody {
     ends_at: Option<Instant>,
     /// Why the stream ends at `ends_at`.
     planned: Planned,
-    draining: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Whether the end during the drain after SIGTERM is planned.
+    drain_planned: bool,
     phase: Phase,
     opened_at: Instant,
     /// The last frame handed to the connection: the one counted as failed if it breaks.
@@ -228,7 +228,7 @@ impl SseBody {
             last_write: now,
             ends_at,
             planned: Planned::MaxAge,
-            draining: Some(Box::pin(state.draining.clone().cancelled_owned())),
+            drain_planned: false,
             phase: Phase::Open,
             opened_at: now,
             last_message: None,
@@ -297,26 +297,14 @@ impl http_body::Body for SseBody {
         if let Some(first) = this.first.take() {
             return this.write(Message::Data, first);
         }
-        if let Some(draining) = this.draining.as_mut()
-            && draining.poll_unpin(cx).is_ready()
-        {
-            // Spread the ends over the drain period so clients reconnect elsewhere gradually.
-            this.draining = None;
-            let end = Instant::now()
-                + this
-                    .state
-                    .streams
-                    .drain_period
-                    .mul_f64(rand::random::<f64>());
-            if this.ends_at.is_none_or(|at| end < at) {
-                this.ends_at = Some(end);
-                this.planned = Planned::Shutdown;
-            }
-            this.arm();
-        }
         loop {
             match Pin::new(&mut this.updates).poll_next(cx) {
                 Poll::Ready(Some(Some(event))) => {
+                    // Not newer than what this stream has: the hub woke every stream to
+                    // tell it about the drain.
+                    if event.sequence <= this.sequence {
+                        continue;
+                    }
                     this.take(&event);
                     // The hub only ever replaces a value with a newer one; the check guards
                     // the first change against the value already written at connect.
@@ -330,6 +318,23 @@ impl http_body::Body for SseBody {
                 Poll::Ready(None) => return this.end(Planned::Shutdown),
                 Poll::Pending => break,
             }
+        }
+        // Checked after the watch above is registered: a drain that starts from now on
+        // wakes this stream through it.
+        if !this.drain_planned && this.state.hub.is_draining() {
+            // Spread the ends over the drain period so clients reconnect elsewhere gradually.
+            this.drain_planned = true;
+            let end = Instant::now()
+                + this
+                    .state
+                    .streams
+                    .drain_period
+                    .mul_f64(rand::random::<f64>());
+            if this.ends_at.is_none_or(|at| end < at) {
+                this.ends_at = Some(end);
+                this.planned = Planned::Shutdown;
+            }
+            this.arm();
         }
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
