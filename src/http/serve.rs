@@ -8,6 +8,12 @@
 //!
 //! Each connection is counted as open under the protocol its first bytes choose: HTTP/2 always
 //! starts with a fixed preface, anything else is HTTP/1.1.
+//!
+//! An update wakes every stream of an HTTP/2 connection at once, each in its own task, and each
+//! stream's frame wakes the connection's task, which tokio runs next. Written straight away,
+//! that is one `writev` of a hundred bytes per stream. So an HTTP/2 connection's small writes
+//! wait one turn of the scheduler: the streams queued behind it add their frames, and the
+//! connection writes them together.
 
 use std::convert::Infallible;
 use std::io;
@@ -175,6 +181,9 @@ impl<S> Connection<S> {
             io,
             matched: 0,
             open: None,
+            batch_writes: false,
+            deferred: 0,
+            deferred_len: 0,
             metrics: self.metrics,
         };
         let connection = self
@@ -190,6 +199,11 @@ impl<S> Connection<S> {
 /// What every HTTP/2 connection sends first (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// HTTP/2 writes at least this large go out at once: they already carry many frames.
+const HTTP2_BATCH_BYTES: usize = 8192;
+/// An HTTP/2 write waits at most this many turns of the scheduler.
+const HTTP2_BATCH_TURNS: u8 = 32;
+
 /// A connection's transport, counted in `flagsmith_sse_connections{protocol}` from its first
 /// bytes until it is dropped. After the protocol is known a read costs one branch.
 struct Counted<I> {
@@ -198,6 +212,11 @@ struct Counted<I> {
     matched: usize,
     /// The gauge this connection is counted in, once its protocol is known.
     open: Option<prometheus::IntGauge>,
+    /// HTTP/2: small writes wait for more frames while more keep coming.
+    batch_writes: bool,
+    /// Turns the pending write has waited, and its size when it last waited.
+    deferred: u8,
+    deferred_len: usize,
     metrics: Arc<ConnectionMetrics>,
 }
 
@@ -211,6 +230,7 @@ impl<I> Counted<I> {
             self.matched += compared;
             if self.matched == HTTP2_PREFACE.len() {
                 self.count(|metrics| &metrics.http2);
+                self.batch_writes = true;
             }
         }
     }
@@ -220,6 +240,26 @@ impl<I> Counted<I> {
         counters.accepted.inc();
         counters.open.inc();
         self.open = Some(counters.open.clone());
+    }
+
+    /// Whether a write of `len` bytes should first yield to the tasks queued behind this one
+    /// (after waking this task, which tokio then queues behind the others: a task that wakes
+    /// itself is not run next). It waits while the write grows from turn to turn, up to a
+    /// size or a number of turns; on an idle system that is one turn.
+    fn defer(&mut self, len: usize, cx: &mut Context<'_>) -> bool {
+        let growing = self.deferred == 0 || len > self.deferred_len;
+        if self.batch_writes
+            && growing
+            && len < HTTP2_BATCH_BYTES
+            && self.deferred < HTTP2_BATCH_TURNS
+        {
+            self.deferred += 1;
+            self.deferred_len = len;
+            cx.waker().wake_by_ref();
+            return true;
+        }
+        self.deferred = 0;
+        false
     }
 }
 
@@ -256,7 +296,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.defer(buf.len(), cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -264,7 +308,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let len = bufs.iter().map(|buf| buf.len()).sum();
+        if this.defer(len, cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

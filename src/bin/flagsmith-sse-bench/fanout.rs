@@ -98,6 +98,9 @@ pub struct Report {
     /// `queue-change` round trips of updates 1..=U.
     pub publish: Option<Percentiles>,
     pub service: Option<ServiceUse>,
+    /// This generator's own CPU time while the updates were published and delivered: it
+    /// shares the machine with the service.
+    pub generator_delivering_cpu_seconds: f64,
     pub nats: Option<NatsUse>,
     pub duration_seconds: f64,
 }
@@ -286,6 +289,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
     }
     tokio::time::sleep(seconds("--settle", args.settle)?).await;
     let idle = common.pid.map(ProcessSample::read).transpose()?;
+    let generator_idle = ProcessSample::read(std::process::id())?;
     let nats_with = match &jetstream {
         Some(jetstream) => Some(jetstream.state().await?),
         None => None,
@@ -317,6 +321,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         );
     }
     let delivered = common.pid.map(ProcessSample::read).transpose()?;
+    let generator = ProcessUse::between(generator_idle, ProcessSample::read(std::process::id())?);
 
     shared.stop.cancel();
     let mut records = Vec::with_capacity(args.subscribers);
@@ -339,15 +344,11 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         }),
         _ => None,
     };
-    Ok(summarise(
-        &args,
-        connection_count,
-        &shared,
-        records,
-        publish_times,
-        service,
-        nats,
-    ))
+    let mut report = summarise(&args, connection_count, &shared, records, publish_times);
+    report.service = service;
+    report.generator_delivering_cpu_seconds = generator.cpu_seconds;
+    report.nats = nats;
+    Ok(report)
 }
 
 /// The HTTP/2 connections the streams share; none for HTTP/1.1, whose streams connect alone.
@@ -523,8 +524,6 @@ fn summarise(
     shared: &Shared,
     records: Vec<Record>,
     publish_times: Vec<u64>,
-    service: Option<ServiceUse>,
-    nats: Option<NatsUse>,
 ) -> Report {
     let mut errors = BTreeMap::new();
     let (mut connect, mut first_event, mut fanout) = (Vec::new(), Vec::new(), Vec::new());
@@ -570,8 +569,9 @@ fn summarise(
         first_event: Percentiles::of(first_event),
         fanout: Percentiles::of(fanout),
         publish: Percentiles::of(publish_times),
-        service,
-        nats,
+        service: None,
+        generator_delivering_cpu_seconds: 0.0,
+        nats: None,
         duration_seconds: shared.started.elapsed().as_secs_f64(),
     }
 }
@@ -625,6 +625,11 @@ impl std::fmt::Display for Report {
                 service.connecting.cpu_seconds, service.delivering.cpu_seconds
             )?;
         }
+        writeln!(
+            f,
+            "  generator CPU   {:.2} s while delivering",
+            self.generator_delivering_cpu_seconds
+        )?;
         if let Some(nats) = &self.nats {
             writeln!(
                 f,
