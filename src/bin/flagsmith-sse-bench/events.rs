@@ -2,8 +2,6 @@
 //! that every subscriber can tell from the event alone which update it received. And the
 //! reading side: SSE events split out of whatever chunks the transport delivers.
 
-use bytes::{Buf, BytesMut};
-
 /// Maps update numbers to `updated_at` values and back.
 #[derive(Debug, Clone, Copy)]
 pub struct Numbering {
@@ -53,18 +51,44 @@ pub enum Block {
 /// Splits a stream body into SSE blocks.
 #[derive(Debug, Default)]
 pub struct SseReader {
-    pending: BytesMut,
+    pending: Vec<u8>,
 }
 
 impl SseReader {
     pub fn push(&mut self, chunk: &[u8], mut each: impl FnMut(Block)) {
-        self.pending.extend_from_slice(chunk);
-        while let Some(end) = self.pending.windows(2).position(|window| window == b"\n\n") {
-            let block = self.pending.split_to(end);
-            self.pending.advance(2);
-            each(parse(&block));
+        // The service writes each event as one chunk: parse it where it lies, and keep only
+        // an unfinished tail.
+        if self.pending.is_empty() {
+            let rest = split_blocks(chunk, &mut each);
+            self.pending.extend_from_slice(rest);
+        } else {
+            self.pending.extend_from_slice(chunk);
+            let consumed = self.pending.len() - split_blocks(&self.pending, &mut each).len();
+            self.pending.drain(..consumed);
         }
     }
+}
+
+/// Hands every complete block in `bytes` to `each`; returns the unfinished rest.
+fn split_blocks<'a>(mut bytes: &'a [u8], each: &mut impl FnMut(Block)) -> &'a [u8] {
+    while let Some(end) = block_end(bytes) {
+        each(parse(&bytes[..end]));
+        bytes = &bytes[end + 2..];
+    }
+    bytes
+}
+
+/// Where the first blank line (`\n\n`) starts.
+fn block_end(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(newline) = bytes[from..].iter().position(|&byte| byte == b'\n') {
+        let at = from + newline;
+        if bytes.get(at + 1) == Some(&b'\n') {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 #[derive(serde::Deserialize)]
