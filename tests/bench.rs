@@ -1,0 +1,186 @@
+//! Smoke runs of `flagsmith-sse-bench` against the service on NATS: a few hundred subscribers
+//! over HTTP/1.1, h2c and HTTP/2 over TLS, and a short throughput run. They keep the load
+//! generator working; the full-size runs and their figures are in README.md "Performance".
+
+mod common;
+
+use std::process::Output;
+
+use common::http::{Connection, TestCertificate, tls_connect};
+use common::{NatsServer, Service, TOKEN, nats_config};
+use flagsmith_sse::Config;
+use serde_json::Value;
+
+/// Runs the generator with `args`, reading this test process as the service's.
+async fn bench(args: &[&str]) -> (Output, Value) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse-bench"))
+        .args(args)
+        .args(["--json", "--token", TOKEN, "--pid"])
+        .arg(std::process::id().to_string())
+        .output()
+        .await
+        .expect("run flagsmith-sse-bench");
+    let report = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output, report)
+}
+
+/// Checks a fan-out report: every subscriber connected and got every update, each delivery
+/// was timed, and the service kept one NATS consumer however many streams were open.
+fn assert_complete_fanout(output: &Output, report: &Value, subscribers: u64, updates: u64) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed: {report:#} {stderr}");
+    assert_eq!(report["connected"], subscribers, "{report:#}");
+    assert_eq!(report["complete"], subscribers, "{report:#}");
+    assert_eq!(report["missed"], 0, "{report:#}");
+    assert_eq!(report["malformed"], 0, "{report:#}");
+    assert_eq!(
+        report["fanout"]["count"],
+        subscribers * updates,
+        "{report:#}"
+    );
+    assert_eq!(report["first_event"]["count"], subscribers, "{report:#}");
+    let fanout_max = report["fanout"]["max_ms"].as_f64().unwrap();
+    assert!(fanout_max > 0.0 && fanout_max < 10_000.0, "{report:#}");
+    assert!(report["service"]["delivering"]["cpu_seconds"].is_number());
+    assert!(report["service"]["idle_rss_per_subscriber_kib"].is_number());
+    let nats = &report["nats"];
+    assert_eq!(nats["without_subscribers"]["consumers"], 1, "{report:#}");
+    assert_eq!(nats["with_subscribers"]["consumers"], 1, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_http1_and_h2c_delivers_every_update_with_one_consumer() {
+    let nats = NatsServer::start();
+    let service = Service::start_ready(nats_config(&nats)).await;
+    let url = format!("http://{}", service.addr);
+    for (protocol, subscribers, environments) in [("1", 300, 3), ("2", 400, 2)] {
+        let (output, report) = bench(&[
+            "fanout",
+            "--url",
+            &url,
+            "--http",
+            protocol,
+            "--subscribers",
+            &subscribers.to_string(),
+            "--environments",
+            &environments.to_string(),
+            "--streams-per-connection",
+            "100",
+            "--updates",
+            "3",
+            "--interval",
+            "0.1",
+            "--settle",
+            "0.2",
+            "--nats-url",
+            &nats.url(),
+        ])
+        .await;
+        assert_complete_fanout(&output, &report, subscribers, 3);
+        let connections = if protocol == "1" { subscribers } else { 4 };
+        assert_eq!(report["connections"], connections, "{report:#}");
+    }
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_http2_with_tls_delivers_every_update() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = TestCertificate::generate(dir.path(), "server");
+    let config = Config {
+        tls: Some(certificate.files.clone()),
+        ..nats_config(&nats)
+    };
+    let service = Service::start(config).await;
+    let connector = certificate.connector(&["h2"]);
+    let mut probe = Connection::tls(tls_connect(service.addr, &connector).await).await;
+    for attempt in 0.. {
+        if probe.get("/readyz").await.0 == 200 {
+            break;
+        }
+        assert!(attempt < 500, "the service is not ready after 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let url = format!("https://localhost:{}", service.addr.port());
+    let (output, report) = bench(&[
+        "fanout",
+        "--url",
+        &url,
+        "--ca-file",
+        certificate.files.certificate_file.to_str().unwrap(),
+        "--http",
+        "2",
+        "--subscribers",
+        "200",
+        "--streams-per-connection",
+        "50",
+        "--updates",
+        "2",
+        "--interval",
+        "0.1",
+        "--settle",
+        "0.2",
+        "--nats-url",
+        &nats.url(),
+    ])
+    .await;
+    assert_complete_fanout(&output, &report, 200, 2);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throughput_counts_only_jetstream_acknowledged_publishes() {
+    let nats = NatsServer::start();
+    let service = Service::start_ready(nats_config(&nats)).await;
+    let (output, report) = bench(&[
+        "throughput",
+        "--url",
+        &format!("http://{}", service.addr),
+        "--connections",
+        "8",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--nats-url",
+        &nats.url(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed: {report:#} {stderr}");
+    let acknowledged = report["statuses"]["200"].as_u64().unwrap();
+    assert!(acknowledged > 0, "{report:#}");
+    assert_eq!(
+        report["statuses"].as_object().unwrap().len(),
+        1,
+        "{report:#}"
+    );
+    assert_eq!(report["latency"]["count"], acknowledged, "{report:#}");
+    // Every 200 of the run, warm-up included, is one message JetStream stored.
+    assert_eq!(
+        report["jetstream_stored"], report["acknowledged_total"],
+        "{report:#}"
+    );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn the_generator_refuses_targets_off_this_machine_and_a_wrong_token() {
+    let (output, _) = bench(&["fanout", "--url", "http://192.0.2.1:8088"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+
+    let service = Service::start(common::test_config()).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_flagsmith-sse-bench"))
+        .args(["fanout", "--token", "wrong", "--subscribers", "1", "--url"])
+        .arg(format!("http://{}", service.addr))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("answered 401"), "{stderr}");
+    service.stop().await;
+}
