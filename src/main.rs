@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use flagsmith_sse::{Config, Control, Listeners, logging};
 use slog::{crit, info, warn};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 /// Real-time Flagsmith flag updates over Server-Sent Events.
 #[derive(Debug, Parser)]
@@ -71,8 +71,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connections waiting to be accepted. std and tokio ask for 1024; a fleet of SDKs
+/// reconnecting at once fills that, and each refused SYN costs its client a one-second
+/// retransmission. The kernel caps it at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> flagsmith_sse::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| flagsmith_sse::Error::Bind { addr, source })
+    let bind = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| flagsmith_sse::Error::Bind { addr, source })
 }
