@@ -24,6 +24,24 @@ async fn bench(args: &[&str]) -> (Output, Value) {
     (output, report)
 }
 
+/// A short fan-out run: `updates` updates 0.1 s apart, with `options`.
+async fn fanout(url: &str, nats: &NatsServer, updates: u64, options: &[&str]) -> (Output, Value) {
+    let updates = updates.to_string();
+    let nats_url = nats.url();
+    let mut args = vec![
+        "fanout",
+        "--url",
+        url,
+        "--updates",
+        &updates,
+        "--interval",
+        "0.1",
+    ];
+    args.extend(["--settle", "0.2", "--nats-url", &nats_url]);
+    args.extend(options);
+    bench(&args).await
+}
+
 /// Checks a fan-out report: every subscriber connected and got every update, each delivery
 /// was timed, and the service kept one NATS consumer however many streams were open.
 fn assert_complete_fanout(output: &Output, report: &Value, subscribers: u64, updates: u64) {
@@ -54,28 +72,19 @@ async fn fanout_over_http1_and_h2c_delivers_every_update_with_one_consumer() {
     let service = Service::start_ready(nats_config(&nats)).await;
     let url = format!("http://{}", service.addr);
     for (protocol, subscribers, environments) in [("1", 300, 3), ("2", 400, 2)] {
-        let (output, report) = bench(&[
-            "fanout",
-            "--url",
-            &url,
+        let (subscribers_arg, environments_arg) =
+            (subscribers.to_string(), environments.to_string());
+        let options = [
             "--http",
             protocol,
             "--subscribers",
-            &subscribers.to_string(),
+            &subscribers_arg,
             "--environments",
-            &environments.to_string(),
+            &environments_arg,
             "--streams-per-connection",
             "100",
-            "--updates",
-            "3",
-            "--interval",
-            "0.1",
-            "--settle",
-            "0.2",
-            "--nats-url",
-            &nats.url(),
-        ])
-        .await;
+        ];
+        let (output, report) = fanout(&url, &nats, 3, &options).await;
         assert_complete_fanout(&output, &report, subscribers, 3);
         let connections = if protocol == "1" { subscribers } else { 4 };
         assert_eq!(report["connections"], connections, "{report:#}");
@@ -103,28 +112,18 @@ async fn fanout_over_http2_with_tls_delivers_every_update() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let url = format!("https://localhost:{}", service.addr.port());
-    let (output, report) = bench(&[
-        "fanout",
-        "--url",
-        &url,
+    let ca_file = certificate.files.certificate_file.to_str().unwrap();
+    let options = [
         "--ca-file",
-        certificate.files.certificate_file.to_str().unwrap(),
+        ca_file,
         "--http",
         "2",
         "--subscribers",
         "200",
         "--streams-per-connection",
         "50",
-        "--updates",
-        "2",
-        "--interval",
-        "0.1",
-        "--settle",
-        "0.2",
-        "--nats-url",
-        &nats.url(),
-    ])
-    .await;
+    ];
+    let (output, report) = fanout(&url, &nats, 2, &options).await;
     assert_complete_fanout(&output, &report, 200, 2);
     service.stop().await;
 }

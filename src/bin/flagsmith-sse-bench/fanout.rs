@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Body, Protocol, Target};
 use crate::events::{Block, Numbering, SseReader};
-use crate::measure::{JetStream, Percentiles, ProcessSample, ProcessUse, StreamState};
+use crate::measure::{Percentiles, ProcessSample, ProcessUse, StreamState};
 use crate::publish::Publisher;
 use crate::{Common, Error, seconds};
 
@@ -223,11 +223,10 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         1,
     )?);
     let token = common.token()?;
-    let jetstream = match &common.nats_url {
-        Some(url) => Some(JetStream::connect(url, &common.nats_stream).await?),
-        None => None,
-    };
+    let jetstream = common.jetstream().await?;
     let limit = seconds("--timeout", args.timeout)?;
+    let settle = seconds("--settle", args.settle)?;
+    let interval = seconds("--interval", args.interval)?;
     let run_id = crate::run_id();
     let keys: Vec<String> = (0..args.environments)
         .map(|e| format!("bench-{run_id}-{e}"))
@@ -303,7 +302,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
             limit
         );
     }
-    tokio::time::sleep(seconds("--settle", args.settle)?).await;
+    tokio::time::sleep(settle).await;
     let idle = common.pid.map(ProcessSample::read).transpose()?;
     let generator_idle = ProcessSample::read(std::process::id())?;
     let nats_with = match &jetstream {
@@ -317,7 +316,6 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         args.updates
     );
     publish_times.clear();
-    let interval = seconds("--interval", args.interval)?;
     let mut next = Instant::now();
     for update in 1..=args.updates {
         tokio::time::sleep_until(next).await;

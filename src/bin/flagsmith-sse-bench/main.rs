@@ -75,6 +75,16 @@ struct Common {
 }
 
 impl Common {
+    /// The JetStream API of `--nats-url`, if given.
+    async fn jetstream(&self) -> Result<Option<measure::JetStream>, Error> {
+        match &self.nats_url {
+            Some(url) => Ok(Some(
+                measure::JetStream::connect(url, &self.nats_stream).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     fn token(&self) -> Result<String, Error> {
         match (&self.token, &self.token_file) {
             (Some(token), _) => Ok(token.clone()),

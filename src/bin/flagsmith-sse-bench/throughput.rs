@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::client::{Protocol, Target};
 use crate::events::Numbering;
-use crate::measure::{JetStream, Percentiles, ProcessSample, ProcessUse};
+use crate::measure::{Percentiles, ProcessSample, ProcessUse};
 use crate::publish::Publisher;
 use crate::{Common, Error, seconds};
 
@@ -81,10 +81,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         common.sources,
     )?);
     let token = common.token()?;
-    let jetstream = match &common.nats_url {
-        Some(url) => Some(JetStream::connect(url, &common.nats_stream).await?),
-        None => None,
-    };
+    let jetstream = common.jetstream().await?;
     let warmup = seconds("--warmup", args.warmup)?;
     let duration = seconds("--duration", args.duration)?;
     let run_id = crate::run_id();
