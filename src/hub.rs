@@ -266,6 +266,25 @@ mod tests {
     }
 
     #[test]
+    fn drain_wakes_every_subscriber_with_the_value_unchanged() {
+        let hub = Hub::new(Duration::from_secs(3600), Metrics::new("memory").hub);
+        let (env, idle) = (
+            EnvironmentKey::parse("env").unwrap(),
+            EnvironmentKey::parse("idle").unwrap(),
+        );
+        let (mut a, mut b) = (hub.subscribe(&env), hub.subscribe(&idle));
+        hub.apply(&update("env", 1.0), SystemTime::now());
+        let sequence = a.borrow_and_update().as_ref().unwrap().sequence;
+        assert!(!hub.is_draining());
+
+        hub.drain();
+        assert!(hub.is_draining());
+        assert!(a.has_changed().unwrap() && b.has_changed().unwrap());
+        assert_eq!(a.borrow_and_update().as_ref().unwrap().sequence, sequence);
+        assert!(b.borrow_and_update().is_none());
+    }
+
+    #[test]
     fn retention_drops_old_values_and_idle_environments() {
         let hub = Hub::new(Duration::from_secs(60), Metrics::new("memory").hub);
         let long_ago = SystemTime::now() - Duration::from_secs(120);

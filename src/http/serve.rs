@@ -12,8 +12,8 @@
 //! An update wakes every stream of an HTTP/2 connection at once, each in its own task, and each
 //! stream's frame wakes the connection's task, which tokio runs next. Written straight away,
 //! that is one `writev` of a hundred bytes per stream. So an HTTP/2 connection's small writes
-//! wait one turn of the scheduler: the streams queued behind it add their frames, and the
-//! connection writes them together.
+//! wait turns of the scheduler while the streams queued behind it keep adding frames, and the
+//! connection writes them together; on an idle system a write waits one turn.
 
 use std::convert::Infallible;
 use std::io;
@@ -246,13 +246,10 @@ impl<I> Counted<I> {
     /// (after waking this task, which tokio then queues behind the others: a task that wakes
     /// itself is not run next). It waits while the write grows from turn to turn, up to a
     /// size or a number of turns; on an idle system that is one turn.
+    /// Only called for HTTP/2 connections.
     fn defer(&mut self, len: usize, cx: &mut Context<'_>) -> bool {
         let growing = self.deferred == 0 || len > self.deferred_len;
-        if self.batch_writes
-            && growing
-            && len < HTTP2_BATCH_BYTES
-            && self.deferred < HTTP2_BATCH_TURNS
-        {
+        if growing && len < HTTP2_BATCH_BYTES && self.deferred < HTTP2_BATCH_TURNS {
             self.deferred += 1;
             self.deferred_len = len;
             cx.waker().wake_by_ref();
@@ -297,7 +294,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.defer(buf.len(), cx) {
+        if this.batch_writes && this.defer(buf.len(), cx) {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write(cx, buf)
@@ -309,8 +306,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let len = bufs.iter().map(|buf| buf.len()).sum();
-        if this.defer(len, cx) {
+        if this.batch_writes && this.defer(bufs.iter().map(|buf| buf.len()).sum(), cx) {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
