@@ -143,6 +143,7 @@ pub async fn run(
             acceptor,
             builder.clone(),
             http::service(http::routes(state.clone(), listener.endpoints)),
+            listener.endpoints.streams.then(|| state.clone()),
             connection_metrics.clone(),
             draining.clone(),
             log.new(slog::o!("listener" => listener.name)),

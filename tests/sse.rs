@@ -5,7 +5,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Chunk, Service, SseClient, body_at, event, seconds, test_config, text, updated_at_of,
+    Chunk, Service, SseClient, body_at, event, request_head, seconds, test_config, text,
+    updated_at_of,
 };
 
 #[tokio::test]
@@ -278,4 +279,113 @@ async fn updates_older_than_the_retention_window_are_not_replayed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut late = service.subscribe("env").await;
     assert_eq!(late.next_data().await, b": ping\n\n");
+}
+
+// HTTP/1.1 connections: SDKs reuse them after a stream ends, and some pipeline.
+
+fn short_streams() -> flagsmith_sse::Config {
+    let mut config = test_config();
+    config.max_stream_age = seconds(0.3);
+    config.max_stream_age_jitter = 0.0;
+    config
+}
+
+/// Reads a stream that ends on its own: its events, then the ending `retry:` and the end.
+async fn read_to_end(client: &mut SseClient) -> Vec<Vec<u8>> {
+    let mut events = Vec::new();
+    loop {
+        match client.next_chunk_within(Duration::from_secs(5)).await {
+            Some(Chunk::Data(data)) => events.push(data),
+            Some(Chunk::End) => return events,
+            None => panic!("the stream did not end"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_connection_carries_stream_after_stream_and_then_other_requests() {
+    let service = Service::start_ready(short_streams()).await;
+    service.publish("env", &body_at(7.5)).await;
+    let mut client = service.subscribe("env").await;
+    let ending = b"retry: 1000\n\n".to_vec();
+    assert_eq!(
+        read_to_end(&mut client).await,
+        [event("7.5"), ending.clone()]
+    );
+
+    let stream = request_head(service.addr, "GET", "/sse/environments/env/stream", &[]);
+    client.send(&stream).await;
+    client.read_response_head().await;
+    assert_eq!(client.status, 200);
+    assert_eq!(client.header("content-type"), Some("text/event-stream"));
+    assert!(client.chunked);
+    assert_eq!(read_to_end(&mut client).await, [event("7.5"), ending]);
+
+    client
+        .send(&request_head(service.addr, "GET", "/livez", &[]))
+        .await;
+    client.read_response_head().await;
+    assert_eq!(client.status, 200);
+    assert!(!client.read_body().await.is_empty());
+}
+
+#[tokio::test]
+async fn requests_pipelined_behind_a_stream_are_answered_when_it_ends() {
+    let service = Service::start_ready(short_streams()).await;
+    service.publish("env", &body_at(8.5)).await;
+    let mut requests = request_head(service.addr, "GET", "/sse/environments/env/stream", &[]);
+    requests.extend(request_head(service.addr, "GET", "/livez", &[]));
+    let mut client =
+        SseClient::request(service.addr, "GET", "/sse/environments/env/stream", &[]).await;
+    assert_eq!(client.next_data().await, event("8.5"));
+    // Sent while the first stream runs: answered in order once it ends.
+    client.send(&requests).await;
+    assert_eq!(client.next_data().await, b"retry: 1000\n\n");
+    assert!(matches!(
+        client.next_chunk_within(Duration::from_secs(5)).await,
+        Some(Chunk::End)
+    ));
+    client.read_response_head().await;
+    assert_eq!(client.status, 200);
+    assert_eq!(read_to_end(&mut client).await.first(), Some(&event("8.5")));
+    client.read_response_head().await;
+    assert_eq!(client.status, 200);
+    assert!(!client.read_body().await.is_empty());
+}
+
+#[tokio::test]
+async fn connection_close_closes_the_connection_after_the_stream() {
+    let service = Service::start_ready(short_streams()).await;
+    let mut client = SseClient::connect(
+        service.addr,
+        "/sse/environments/env/stream",
+        &[("Connection", "close")],
+    )
+    .await;
+    assert_eq!(client.status, 200);
+    assert_eq!(client.header("connection"), Some("close"));
+    assert_eq!(
+        read_to_end(&mut client).await,
+        [b"retry: 1000\n\n".to_vec()]
+    );
+    assert!(
+        client.is_closed().await,
+        "the service kept the connection open"
+    );
+}
+
+#[tokio::test]
+async fn stream_requests_with_large_heads_are_served() {
+    let service = Service::start_ready(test_config()).await;
+    service.publish("env", &body_at(9.5)).await;
+    let cookie = format!("session={}", "c".repeat(20 * 1024));
+    let mut client = SseClient::connect(
+        service.addr,
+        "/sse/environments/env/stream",
+        &[("Cookie", &cookie)],
+    )
+    .await;
+    assert_eq!(client.status, 200);
+    assert!(client.chunked);
+    assert_eq!(client.next_data().await, event("9.5"));
 }

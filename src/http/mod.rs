@@ -4,6 +4,7 @@
 //! body: the stream route hands its [`stream::Subscription`] back in the response's extensions
 //! and [`service`] swaps it for the [`stream::SseBody`] that writes the events.
 
+mod h1;
 pub mod health;
 pub mod metricsz;
 pub mod publish;

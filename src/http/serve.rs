@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::{State, h1};
 use crate::config::Http2Config;
 use crate::metrics::{ConnectionMetrics, ProtocolCounters};
 
@@ -76,11 +77,16 @@ pub fn connection_builder(http2: &Http2Config) -> auto::Builder<TokioExecutor> {
 /// Serves `listener` until `stop` fires and its connections have ended. With `tls`, each
 /// connection completes a TLS handshake first, in its own task, so a slow or broken handshake
 /// never holds up the accept loop or other connections.
+///
+/// With `streams`, the listener serves stream subscriptions, and HTTP/1.1 ones are answered
+/// by [`h1`] (with `state`'s hub and settings) instead of hyper.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     builder: auto::Builder<TokioExecutor>,
     service: S,
+    streams: Option<Arc<State>>,
     metrics: Arc<ConnectionMetrics>,
     stop: CancellationToken,
     log: Logger,
@@ -116,6 +122,7 @@ pub async fn serve<S, B>(
         let connection = Connection {
             builder: builder.clone(),
             service: service.clone(),
+            streams: streams.clone(),
             watcher: graceful.watcher(),
             peer,
             metrics: metrics.clone(),
@@ -156,6 +163,7 @@ pub async fn serve<S, B>(
 struct Connection<S> {
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
+    streams: Option<Arc<State>>,
     watcher: Watcher,
     peer: SocketAddr,
     metrics: Arc<ConnectionMetrics>,
@@ -177,7 +185,7 @@ impl<S> Connection<S> {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let io = Counted {
+        let mut io = Counted {
             io,
             matched: 0,
             open: None,
@@ -186,6 +194,14 @@ impl<S> Connection<S> {
             deferred_len: 0,
             metrics: self.metrics,
         };
+        let read = match &self.streams {
+            Some(state) => match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
+                h1::Outcome::Closed => return,
+                h1::Outcome::Handoff(read) => read,
+            },
+            None => Vec::new(),
+        };
+        let io = Prefixed { read, io };
         let connection = self
             .builder
             .serve_connection(TokioIo::new(io), self.service)
@@ -310,6 +326,63 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A transport whose first bytes were already read: reads return those first.
+struct Prefixed<I> {
+    /// The bytes not yet returned; emptied, and freed, as they are.
+    read: Vec<u8>,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.read.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let taken = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read[..taken]);
+        this.read.drain(..taken);
+        if this.read.is_empty() {
+            this.read = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -106,24 +106,9 @@ fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
         Ok(key) => key,
         Err(err) => return ApiError::BadRequest(err.to_string()).into_response(),
     };
-    let Some(permit) = state.admission.try_acquire() else {
+    let Some(subscription) = Subscription::admit(key, state.clone()) else {
         state.metrics.streams.closed.rejected.inc();
         return ApiError::TooManyStreams.into_response();
-    };
-    let mut updates = state.hub.subscribe(&key);
-    // An update that landed since the line above counted this stream as waiting for it.
-    let landed = updates.has_changed().unwrap_or(false);
-    // Taken at once: every later update is a change this stream has to write.
-    let current = updates.borrow_and_update().clone();
-    if landed && let Some(event) = &current {
-        event.fanout.written();
-    }
-    let subscription = Subscription {
-        key,
-        updates,
-        current,
-        permit: Arc::new(permit),
-        state,
     };
     let mut response = Response::new(warp::reply::Response::default().into_body());
     let headers = response.headers_mut();
@@ -136,6 +121,28 @@ fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
     response.extensions_mut().insert(subscription);
     *response.status_mut() = StatusCode::OK;
     response
+}
+
+impl Subscription {
+    /// A stream of `key`, or `None` when the cap on open streams is reached.
+    pub(super) fn admit(key: EnvironmentKey, state: Arc<State>) -> Option<Self> {
+        let permit = state.admission.try_acquire()?;
+        let mut updates = state.hub.subscribe(&key);
+        // An update that landed since the line above counted this stream as waiting for it.
+        let landed = updates.has_changed().unwrap_or(false);
+        // Taken at once: every later update is a change this stream has to write.
+        let current = updates.borrow_and_update().clone();
+        if landed && let Some(event) = &current {
+            event.fanout.written();
+        }
+        Some(Self {
+            key,
+            updates,
+            current,
+            permit: Arc::new(permit),
+            state,
+        })
+    }
 }
 
 /// Gives a stream response its event body; every other response keeps warp's body.
@@ -197,7 +204,7 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    fn new(subscription: Subscription) -> Self {
+    pub(super) fn new(subscription: Subscription) -> Self {
         let Subscription {
             key,
             updates,

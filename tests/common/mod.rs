@@ -349,41 +349,64 @@ impl SseClient {
         path: &str,
         extra_headers: &[(&str, &str)],
     ) -> Self {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
-        for (name, value) in extra_headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut reader = BufReader::new(stream);
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut client = Self {
+            reader: BufReader::new(stream),
+            status: 0,
+            headers: Vec::new(),
+            chunked: false,
+        };
+        client
+            .send(&request_head(addr, method, path, extra_headers))
+            .await;
+        client.read_response_head().await;
+        client
+    }
+
+    /// Writes raw bytes on the connection: the next request, or several pipelined.
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// Reads the status line and headers of the next response on the connection.
+    pub async fn read_response_head(&mut self) {
         let mut status_line = String::new();
-        timeout(reader.read_line(&mut status_line)).await.unwrap();
-        let status = status_line
+        timeout(self.reader.read_line(&mut status_line))
+            .await
+            .unwrap();
+        self.status = status_line
             .split_whitespace()
             .nth(1)
             .unwrap_or_else(|| panic!("bad status line {status_line:?}"))
             .parse()
             .unwrap();
-        let mut headers = Vec::new();
+        self.headers.clear();
         loop {
             let mut line = String::new();
-            timeout(reader.read_line(&mut line)).await.unwrap();
+            timeout(self.reader.read_line(&mut line)).await.unwrap();
             let line = line.trim_end();
             if line.is_empty() {
                 break;
             }
             let (name, value) = line.split_once(':').unwrap();
-            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+            self.headers
+                .push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
         }
-        let chunked = headers
+        self.chunked = self
+            .headers
             .iter()
             .any(|(name, value)| name == "transfer-encoding" && value == "chunked");
-        Self {
-            reader,
-            status,
-            headers,
-            chunked,
+    }
+
+    /// Whether the service closed the connection: nothing more arrives, within 10 s.
+    pub async fn is_closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), self.reader.read_to_end(&mut rest))
+            .await
+        {
+            Ok(Ok(0)) => true,
+            Ok(Ok(_)) => panic!("unexpected bytes {:?}", text(&rest)),
+            Ok(Err(_)) | Err(_) => false,
         }
     }
 
@@ -445,6 +468,21 @@ impl SseClient {
         timeout(self.reader.read_exact(&mut body)).await.unwrap();
         body
     }
+}
+
+/// An HTTP/1.1 request head with a `Host` header.
+pub fn request_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in extra_headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
 }
 
 /// The `updated_at` of an event chunk.

@@ -1,0 +1,534 @@
+//! HTTP/1.1 stream subscriptions, served without hyper.
+//!
+//! A subscriber costs what its connection holds while it waits. hyper keeps an 8 to 16 KiB
+//! read buffer and an 8 KiB write buffer for every HTTP/1.1 connection for as long as it is
+//! open, and has no setting below that: three times the memory of everything else a stream
+//! needs. So the first request of an HTTP/1.1 connection is read here, into a buffer that is
+//! freed before the stream starts, and a plain `GET /sse/environments/{key}/stream` is answered
+//! here too: the response head, then each event as one chunk, written straight from the bytes
+//! every subscriber shares.
+//!
+//! Everything else goes to hyper with the bytes read so far: other routes and methods, HTTP/2,
+//! HTTP/1.0, request bodies, pipelined requests, heads beyond [`MAX_HEAD`], invalid keys and
+//! streams beyond the cap (whose error responses warp writes). Those requests are rare or cheap
+//! and hyper's handling of them stays the reference.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice, Write as _};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::State;
+use super::stream::{SseBody, Subscription};
+use crate::domain::EnvironmentKey;
+
+/// The request head this module reads before it hands the connection to hyper: SDKs send a
+/// few hundred bytes, browsers with cookies a few KiB.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// The first allocation for a request head; it doubles up to [`MAX_HEAD`].
+const FIRST_HEAD_BUFFER: usize = 1024;
+/// Headers beyond this many go to hyper.
+const MAX_HEADERS: usize = 48;
+/// Bytes read at once while a stream runs, only to notice the client closing.
+const PEER_READ: usize = 256;
+
+/// How a connection left this module.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Closed, or to be closed: the client left, timed out or asked to close, or the service
+    /// is draining.
+    Closed,
+    /// Not a request served here: hyper serves the connection, starting with these bytes.
+    Handoff(Vec<u8>),
+}
+
+/// A request this module serves.
+#[derive(Debug, PartialEq, Eq)]
+struct StreamRequest {
+    key: EnvironmentKey,
+    /// The client sent `Connection: close`.
+    close: bool,
+}
+
+/// What the bytes read so far are.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    Stream(StreamRequest),
+    /// A request hyper serves; it may be incomplete.
+    Other,
+    /// Too short to tell.
+    Partial,
+}
+
+/// Serves stream requests on `io` until it closes or a request is not one for this module.
+/// `header_timeout` bounds the wait for each complete request head, as hyper's does.
+pub async fn serve<I>(io: &mut I, state: &Arc<State>, header_timeout: Duration) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut head = Vec::new();
+    loop {
+        let request = match read_request(io, &mut head, &state.draining, header_timeout).await {
+            Ok(request) => request,
+            Err(outcome) => return outcome,
+        };
+        let Some(subscription) = Subscription::admit(request.key, state.clone()) else {
+            // warp answers with the 503 and counts the rejection.
+            return Outcome::Handoff(head);
+        };
+        // Nothing else was read with the head: its memory goes back while the stream runs.
+        head.clear();
+        head.shrink_to_fit();
+        let after = match stream(io, SseBody::new(subscription), request.close).await {
+            Ok(after) => after,
+            Err(_) => return Outcome::Closed,
+        };
+        if request.close || after.close || state.hub.is_draining() {
+            let _ = io.shutdown().await;
+            return Outcome::Closed;
+        }
+        head = after.read;
+    }
+}
+
+/// Reads until `head` holds a request head this module serves, or one it does not.
+async fn read_request<I>(
+    io: &mut I,
+    head: &mut Vec<u8>,
+    draining: &CancellationToken,
+    header_timeout: Duration,
+) -> Result<StreamRequest, Outcome>
+where
+    I: AsyncRead + Unpin,
+{
+    let deadline = Instant::now() + header_timeout;
+    loop {
+        match parse(head) {
+            Parsed::Stream(request) => return Ok(request),
+            Parsed::Other => return Err(Outcome::Handoff(std::mem::take(head))),
+            Parsed::Partial => {}
+        }
+        if head.len() == MAX_HEAD {
+            return Err(Outcome::Handoff(std::mem::take(head)));
+        }
+        if head.len() == head.capacity() {
+            let grown = (head.capacity() * 2).clamp(FIRST_HEAD_BUFFER, MAX_HEAD);
+            head.reserve_exact(grown - head.len());
+        }
+        let idle = head.is_empty();
+        let read = tokio::select! {
+            biased;
+            read = tokio::time::timeout_at(deadline, io.read_buf(head)) => read,
+            // An idle connection closes at once; one with a request on its way finishes it.
+            () = draining.cancelled(), if idle => return Err(Outcome::Closed),
+        };
+        match read {
+            Ok(Ok(read)) if read > 0 => {}
+            // Timed out, closed or broken: hyper closes such connections without an answer.
+            _ => return Err(Outcome::Closed),
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let status = request.parse(bytes);
+    // Decided as soon as the request line shows it, so other requests reach hyper unchanged
+    // however long their heads are.
+    if request.method.is_some_and(|method| method != "GET")
+        || request.path.is_some_and(|path| stream_key(path).is_none())
+    {
+        return Parsed::Other;
+    }
+    let length = match status {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    // A pipelined request behind this one, or HTTP/1.0 and its different framing: hyper's.
+    if length != bytes.len() || request.version != Some(1) {
+        return Parsed::Other;
+    }
+    let mut close = false;
+    for header in request.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if header.value != b"0" {
+                return Parsed::Other;
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return Parsed::Other;
+        } else if name.eq_ignore_ascii_case("connection") {
+            close |= header
+                .value
+                .split(|&byte| byte == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    let key = request
+        .path
+        .and_then(stream_key)
+        .and_then(|segment| EnvironmentKey::from_path_segment(segment).ok());
+    match key {
+        Some(key) => Parsed::Stream(StreamRequest { key, close }),
+        // warp answers an invalid key with its 400.
+        None => Parsed::Other,
+    }
+}
+
+/// The raw key segment of a stream path, with any query ignored and doubled slashes accepted
+/// as the routes accept them.
+fn stream_key(target: &str) -> Option<&str> {
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if !path.starts_with('/') || path.ends_with('/') {
+        return None;
+    }
+    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some("sse"), Some("environments"), Some(key), Some("stream"), None) => Some(key),
+        _ => None,
+    }
+}
+
+/// The response head of every stream, as the routes write it for HTTP/2.
+fn response_head(close: bool) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\n\
+          content-type: text/event-stream\r\n\
+          cache-control: no-cache\r\n\
+          x-accel-buffering: no\r\n\
+          access-control-allow-origin: *\r\n\
+          transfer-encoding: chunked\r\n",
+    );
+    if close {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"date: ");
+    head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    head
+}
+
+/// What a connection read while its stream ran.
+#[derive(Debug)]
+struct AfterStream {
+    /// The start of the client's next request.
+    read: Vec<u8>,
+    /// The client sent more than a request head while the stream ran.
+    close: bool,
+}
+
+/// Writes `body` as a chunked response until it ends. Fails when the client is gone.
+async fn stream<I>(io: &mut I, mut body: SseBody, close: bool) -> io::Result<AfterStream>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut peer = Peer {
+        read: Vec::new(),
+        reading: true,
+    };
+    let head = response_head(close);
+    // The first event, when one is known, leaves with the head.
+    let first = poll_fn(|cx| Poll::Ready(poll_data(&mut body, cx))).await;
+    let (mut head, mut data) = match first {
+        Poll::Ready(data) => (Some(head), data),
+        Poll::Pending => {
+            write_all(io, &mut [IoSlice::new(&head)]).await?;
+            (None, next_data(io, &mut body, &mut peer).await?)
+        }
+    };
+    while let Some(frame) = data {
+        let size = ChunkSize::new(frame.len());
+        let mut slices = [
+            IoSlice::new(head.as_deref().unwrap_or_default()),
+            IoSlice::new(size.as_bytes()),
+            IoSlice::new(&frame),
+            IoSlice::new(b"\r\n"),
+        ];
+        write_all(io, &mut slices).await?;
+        head = None;
+        data = next_data(io, &mut body, &mut peer).await?;
+    }
+    drop(body);
+    let mut slices = [
+        IoSlice::new(head.as_deref().unwrap_or_default()),
+        IoSlice::new(b"0\r\n\r\n"),
+    ];
+    write_all(io, &mut slices).await?;
+    Ok(AfterStream {
+        read: peer.read,
+        close: !peer.reading,
+    })
+}
+
+/// The next bytes of `body` to write; `None` at its end.
+fn poll_data(body: &mut SseBody, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    loop {
+        match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Ok(frame))) => {
+                // An empty chunk would end the response.
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    return Poll::Ready(Some(data));
+                }
+            }
+        }
+    }
+}
+
+/// The next bytes of `body` to write, or an error when the client closes meanwhile.
+async fn next_data<I>(io: &mut I, body: &mut SseBody, peer: &mut Peer) -> io::Result<Option<Bytes>>
+where
+    I: AsyncRead + Unpin,
+{
+    poll_fn(|cx| {
+        if let Poll::Ready(Err(err)) = peer.poll_closed(io, cx) {
+            return Poll::Ready(Err(err));
+        }
+        poll_data(body, cx).map(Ok)
+    })
+    .await
+}
+
+/// The client's side of a connection while its stream runs.
+struct Peer {
+    /// What it sent meanwhile: its next request.
+    read: Vec<u8>,
+    /// Whether it is still read: a client that sends more than a request head is no longer,
+    /// and its connection closes after the stream.
+    reading: bool,
+}
+
+impl Peer {
+    /// Reads what the client sent; an error once it closed. Pending keeps the task woken for
+    /// anything it sends next.
+    fn poll_closed<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.reading {
+            let mut bytes = [0; PEER_READ];
+            let mut buf = ReadBuf::new(&mut bytes);
+            match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                }
+                Poll::Ready(Ok(())) => {
+                    if self.read.len() + buf.filled().len() > MAX_HEAD {
+                        self.reading = false;
+                    } else {
+                        self.read.extend_from_slice(buf.filled());
+                    }
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// A chunk's size line: hexadecimal digits and CRLF.
+struct ChunkSize {
+    bytes: [u8; 18],
+    len: usize,
+}
+
+impl ChunkSize {
+    fn new(size: usize) -> Self {
+        let mut bytes = [0; 18];
+        let mut cursor = io::Cursor::new(&mut bytes[..]);
+        write!(cursor, "{size:x}\r\n").expect("18 bytes hold any usize in hexadecimal");
+        let len = usize::try_from(cursor.position()).unwrap_or_default();
+        Self { bytes, len }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+async fn write_all<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let written = io.write_vectored(slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    // TLS holds records until flushed.
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    fn stream(key: &str, close: bool) -> Parsed {
+        Parsed::Stream(StreamRequest {
+            key: EnvironmentKey::parse(key).unwrap(),
+            close,
+        })
+    }
+
+    #[test]
+    fn stream_requests_are_recognised() {
+        for (request, expected) in [
+            (
+                &b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                stream("abc", false),
+            ),
+            (
+                b"GET //sse//environments/%61bc/stream?x=1 HTTP/1.1\r\n\r\n",
+                stream("abc", false),
+            ),
+            (
+                b"GET /sse/environments/abc/stream HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n",
+                stream("abc", true),
+            ),
+            (
+                b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                stream("abc", false),
+            ),
+        ] {
+            assert_eq!(parse(request), expected, "{}", String::from_utf8_lossy(request));
+        }
+    }
+
+    #[test]
+    fn other_requests_go_to_hyper_as_soon_as_the_request_line_shows_it() {
+        for request in [
+            &b"POST /sse/environments/abc/queue-change HTTP/1.1\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET /livez HTTP/1.1\r\n",
+            b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
+            b"GET /sse/environments/a/b/stream HTTP/1.1\r\n\r\n",
+            b"GET http://host/sse/environments/abc/stream HTTP/1.1\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.0\r\n\r\n",
+            b"GET /sse/environments/a%3Eb/stream HTTP/1.1\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\n\r\nGET /livez HTTP/1.1\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nBad Header\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(request),
+                Parsed::Other,
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_request_on_its_way_is_partial() {
+        let request = b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n";
+        for end in 0..request.len() {
+            assert_eq!(parse(&request[..end]), Parsed::Partial, "{end} bytes");
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// What `read_request` makes of `sent`, with the client's side left open.
+    async fn read_from(
+        sent: &[u8],
+        draining: &CancellationToken,
+    ) -> Result<StreamRequest, Outcome> {
+        let (mut service, mut client) = tokio::io::duplex(64 * 1024);
+        client.write_all(sent).await.unwrap();
+        let mut head = Vec::new();
+        let result = read_request(&mut service, &mut head, draining, TIMEOUT).await;
+        drop(client);
+        result
+    }
+
+    #[tokio::test]
+    async fn other_requests_reach_hyper_with_every_byte_read() {
+        let sent =
+            b"POST /sse/environments/abc/queue-change HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
+        match read_from(sent, &CancellationToken::new()).await {
+            Err(Outcome::Handoff(read)) => assert_eq!(read, sent),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn heads_beyond_the_limit_reach_hyper_whole() {
+        let mut sent = b"GET /sse/environments/abc/stream HTTP/1.1\r\nCookie: ".to_vec();
+        sent.resize(MAX_HEAD + 100, b'c');
+        match read_from(&sent, &CancellationToken::new()).await {
+            Err(Outcome::Handoff(read)) => assert_eq!(read, sent[..MAX_HEAD]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_head_times_out() {
+        let started = Instant::now();
+        let result = read_from(
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\n",
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(result, Err(Outcome::Closed)), "{result:?}");
+        assert_eq!(started.elapsed(), TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_closes_idle_connections_and_lets_requests_finish() {
+        let draining = CancellationToken::new();
+        draining.cancel();
+        let started = Instant::now();
+        assert!(matches!(
+            read_from(b"", &draining).await,
+            Err(Outcome::Closed)
+        ));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let request = read_from(
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\n\r\n",
+            &draining,
+        )
+        .await;
+        assert_eq!(request.unwrap().key.as_str(), "abc");
+    }
+
+    #[test]
+    fn chunk_sizes_are_hexadecimal() {
+        assert_eq!(ChunkSize::new(0).as_bytes(), b"0\r\n");
+        assert_eq!(ChunkSize::new(93).as_bytes(), b"5d\r\n");
+        assert_eq!(
+            ChunkSize::new(usize::MAX).as_bytes(),
+            b"ffffffffffffffff\r\n"
+        );
+    }
+}
