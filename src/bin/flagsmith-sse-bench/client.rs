@@ -117,11 +117,27 @@ impl Target {
         })
     }
 
-    /// A request for `path` on this target.
-    pub fn request(&self, method: http::Method, path: &str, body: Bytes) -> Request<Body> {
-        let uri = format!("{}://{}{path}", self.scheme, self.authority);
+    /// A request for `path` on this target, as SDKs and browsers send it: over HTTP/1.1 the
+    /// path and a `Host` header (hyper's connection-level client would send the whole URL),
+    /// over HTTP/2 the whole URL, which hyper splits into `:scheme`, `:authority` and `:path`.
+    pub fn request(
+        &self,
+        protocol: Protocol,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Request<Body> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
+        let uri = match protocol {
+            Protocol::Http1 => {
+                let host = http::HeaderValue::try_from(&self.authority)
+                    .expect("the authority comes from a valid URL");
+                request.headers_mut().insert(http::header::HOST, host);
+                path.to_owned()
+            }
+            Protocol::Http2 => format!("{}://{}{path}", self.scheme, self.authority),
+        };
         *request.uri_mut() = uri.parse().expect("the path is built from a valid URL");
         request
     }

@@ -481,14 +481,15 @@ async fn read_stream(
     permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> Result<(), Error> {
     let started = shared.now();
-    let request = target.request(http::Method::GET, path, Bytes::new());
     let response = match connection {
         Connection::Http1(n) => {
+            let request = target.request(Protocol::Http1, http::Method::GET, path, Bytes::new());
             let mut sender = target.http1(*n).await?;
             sender.ready().await?;
             sender.send_request(request).await?
         }
         Connection::Http2(sender) => {
+            let request = target.request(Protocol::Http2, http::Method::GET, path, Bytes::new());
             let mut sender = sender.clone();
             sender.ready().await?;
             sender.send_request(request).await?

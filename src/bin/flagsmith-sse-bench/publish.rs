@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 
 use crate::Error;
-use crate::client::{Body, Target};
+use crate::client::{Body, Protocol, Target};
 
 pub struct Publisher {
     sender: http1::SendRequest<Body>,
@@ -30,6 +30,7 @@ impl Publisher {
     /// Posts `body` for environment `key`; returns the status once the whole response is read.
     pub async fn publish(&mut self, key: &str, body: String) -> Result<u16, Error> {
         let mut request = self.target.request(
+            Protocol::Http1,
             http::Method::POST,
             &format!("/sse/environments/{key}/queue-change"),
             Bytes::from(body),
