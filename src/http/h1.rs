@@ -191,6 +191,16 @@ fn parse(bytes: &[u8]) -> Parsed {
 /// The raw key segment of a stream path, with any query ignored and doubled slashes accepted
 /// as the routes accept them.
 fn stream_key(target: &str) -> Option<&str> {
+    // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
+    // follows the authority.
+    let target = match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            &rest[rest.find('/')?..]
+        }
+        _ => target,
+    };
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     if !path.starts_with('/') || path.ends_with('/') {
         return None;
@@ -415,6 +425,10 @@ mod tests {
                 stream("abc", true),
             ),
             (
+                b"GET HTTP://host:8088//sse/environments/abc/stream?x HTTP/1.1\r\n\r\n",
+                stream("abc", false),
+            ),
+            (
                 b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
                 stream("abc", false),
             ),
@@ -431,7 +445,8 @@ mod tests {
             b"GET /livez HTTP/1.1\r\n",
             b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
             b"GET /sse/environments/a/b/stream HTTP/1.1\r\n\r\n",
-            b"GET http://host/sse/environments/abc/stream HTTP/1.1\r\n\r\n",
+            b"GET http://host HTTP/1.1\r\n\r\n",
+            b"GET ftp://host/sse/environments/abc/stream HTTP/1.1\r\n\r\n",
             b"GET /sse/environments/abc/stream HTTP/1.0\r\n\r\n",
             b"GET /sse/environments/a%3Eb/stream HTTP/1.1\r\n\r\n",
             b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",

@@ -206,7 +206,9 @@ impl<S> Connection<S> {
             .builder
             .serve_connection(TokioIo::new(io), self.service)
             .into_owned();
-        if let Err(err) = self.watcher.watch(connection).await {
+        // Boxed: the task of every connection is allocated at the size of its largest state,
+        // and hyper's is kilobytes that a connection served by `h1` never uses.
+        if let Err(err) = Box::pin(self.watcher.watch(connection)).await {
             debug!(self.log, "connection ended with an error"; "peer" => %self.peer, "error" => %err);
         }
     }
