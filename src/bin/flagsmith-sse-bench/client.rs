@@ -19,6 +19,9 @@ use tokio_util::either::Either;
 
 use crate::Error;
 
+/// A connection to the service, TLS or not.
+pub type Io = Either<TcpStream, TlsStream<TcpStream>>;
+
 pub type Body = Full<Bytes>;
 
 /// The HTTP version a client speaks.
@@ -160,7 +163,13 @@ impl Target {
         Ok(sender)
     }
 
-    async fn connect(&self, n: usize) -> Result<Either<TcpStream, TlsStream<TcpStream>>, Error> {
+    /// `host:port`, for `Host` headers.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// A new connection, the `n`th this run opens (which picks its source address).
+    pub async fn connect(&self, n: usize) -> Result<Io, Error> {
         let source = self.sources[n % self.sources.len()];
         let socket = match source {
             IpAddr::V4(_) => TcpSocket::new_v4()?,

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Body, Protocol, Target};
 use crate::events::{Block, Numbering, SseReader};
+use crate::h1::Http1Stream;
 use crate::measure::{Percentiles, ProcessSample, ProcessUse, StreamState};
 use crate::publish::Publisher;
 use crate::{Common, Error, seconds};
@@ -32,7 +33,7 @@ use crate::{Common, Error, seconds};
 /// Publishes of one round go out over this many connections at once.
 const PUBLISH_CONNECTIONS: usize = 8;
 /// HTTP/1.1 subscribers driven by one task.
-const HTTP1_STREAMS_PER_TASK: usize = 64;
+const HTTP1_STREAMS_PER_TASK: usize = 1024;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -481,32 +482,57 @@ async fn read_stream(
     permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> Result<(), Error> {
     let started = shared.now();
-    let response = match connection {
+    let mut events = Events {
+        shared,
+        started,
+        reader: SseReader::default(),
+    };
+    match connection {
         Connection::Http1(n) => {
-            let request = target.request(Protocol::Http1, http::Method::GET, path, Bytes::new());
-            let mut sender = target.http1(*n).await?;
-            sender.ready().await?;
-            sender.send_request(request).await?
+            let mut stream = Http1Stream::open(target, *n, path).await?;
+            record.connect.get_or_insert(shared.now() - started);
+            while stream.read(|data| events.push(record, data)).await? {
+                if record.first_event.is_some() {
+                    permit.take();
+                }
+            }
         }
         Connection::Http2(sender) => {
             let request = target.request(Protocol::Http2, http::Method::GET, path, Bytes::new());
             let mut sender = sender.clone();
             sender.ready().await?;
-            sender.send_request(request).await?
+            let response = sender.send_request(request).await?;
+            if response.status() != StatusCode::OK {
+                return Err(format!("stream answered {}", response.status()).into());
+            }
+            record.connect.get_or_insert(shared.now() - started);
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    events.push(record, &data);
+                }
+                if record.first_event.is_some() {
+                    permit.take();
+                }
+            }
         }
-    };
-    if response.status() != StatusCode::OK {
-        return Err(format!("stream answered {}", response.status()).into());
     }
-    record.connect.get_or_insert(shared.now() - started);
-    let mut body = response.into_body();
-    let mut reader = SseReader::default();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        let now = shared.now();
-        reader.push(&data, |block| match block {
+    Ok(())
+}
+
+/// The events of one stream, recorded as they are read.
+struct Events<'a> {
+    shared: &'a Shared,
+    /// When the stream was requested (µs since the start).
+    started: u64,
+    reader: SseReader,
+}
+
+impl Events<'_> {
+    fn push(&mut self, record: &mut Record, data: &[u8]) {
+        let now = self.shared.now();
+        let (shared, started) = (self.shared, self.started);
+        self.reader.push(data, |block| match block {
             Block::Update(updated_at) => {
                 record.first_event.get_or_insert(now - started);
                 let Some(update) = shared.numbering.number(updated_at) else {
@@ -526,11 +552,7 @@ async fn read_stream(
             Block::Control => {}
             Block::Malformed => record.malformed += 1,
         });
-        if record.first_event.is_some() {
-            permit.take();
-        }
     }
-    Ok(())
 }
 
 fn summarise(

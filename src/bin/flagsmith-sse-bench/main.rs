@@ -19,6 +19,7 @@
 mod client;
 mod events;
 mod fanout;
+mod h1;
 mod measure;
 mod publish;
 mod throughput;
