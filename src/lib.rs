@@ -8,7 +8,8 @@
 //! - [`domain`]: environment keys, timestamps, the event written on the wire.
 //! - [`hub`]: the newest update per environment and the subscribers waiting for it.
 //! - [`backend`]: how updates are stored and shared: in-process or NATS JetStream.
-//! - [`http`]: the routes, the SSE body, and the accept loop (HTTP/1.1, HTTP/2, h2c).
+//! - [`http`]: the routes, the SSE body, HTTP/1.1 streams served without hyper, and the accept
+//!   loop (HTTP/1.1, HTTP/2, h2c).
 //! - [`tls`]: certificates for TLS listeners, reloaded on SIGHUP.
 //! - [`auth`]: the publish token, rotated on SIGHUP.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.

@@ -2,7 +2,9 @@
 //!
 //! warp routes every request and builds every response, but it cannot carry a custom streaming
 //! body: the stream route hands its [`stream::Subscription`] back in the response's extensions
-//! and [`service`] swaps it for the [`stream::SseBody`] that writes the events.
+//! and [`service`] swaps it for the [`stream::SseBody`] that writes the events. The exception:
+//! plain HTTP/1.1 stream requests, which `h1` answers before hyper and warp see them, with the
+//! same subscription, body and response head.
 
 mod h1;
 pub mod health;

@@ -1,6 +1,8 @@
 //! The accept loop, the same for plaintext and TLS listeners: one task per connection, HTTP/1.1
 //! or HTTP/2 chosen per connection by hyper-util's auto builder. On plaintext that is HTTP/1.1
-//! or h2c with prior knowledge; on TLS the client's ALPN choice, `h2` or `http/1.1`.
+//! or h2c with prior knowledge; on TLS the client's ALPN choice, `h2` or `http/1.1`. On a
+//! listener that serves streams, `h1` reads each connection's first bytes and answers
+//! HTTP/1.1 stream requests itself; everything else reaches hyper with those bytes.
 //!
 //! When `stop` fires the listener closes and every connection is asked to finish gracefully:
 //! HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY and lets open streams
@@ -79,7 +81,7 @@ pub fn connection_builder(http2: &Http2Config) -> auto::Builder<TokioExecutor> {
 /// never holds up the accept loop or other connections.
 ///
 /// With `streams`, the listener serves stream subscriptions, and HTTP/1.1 ones are answered
-/// by [`h1`] (with `state`'s hub and settings) instead of hyper.
+/// by `h1` (with `state`'s hub and settings) instead of hyper.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S, B>(
     listener: TcpListener,

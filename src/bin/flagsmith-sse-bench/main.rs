@@ -58,7 +58,7 @@ struct Common {
     /// PEM certificate(s) to trust for https:// URLs.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// The service's process id: its RSS and CPU time are read from /proc/<pid>.
+    /// The service's process id: its RSS and CPU time are read from `/proc/<pid>`.
     #[arg(long)]
     pid: Option<u32>,
     /// NATS server the service uses: consumers and stored messages are read from the JetStream API.
