@@ -116,7 +116,8 @@ where
             Parsed::Other => return Err(Outcome::Handoff(std::mem::take(head))),
             Parsed::Partial => {}
         }
-        if head.len() == MAX_HEAD {
+        // At least: what a client sent during its last stream may sit in a larger buffer.
+        if head.len() >= MAX_HEAD {
             return Err(Outcome::Handoff(std::mem::take(head)));
         }
         if head.len() == head.capacity() {
@@ -218,7 +219,7 @@ fn stream_key(target: &str) -> Option<&str> {
     }
 }
 
-/// The response head of every stream, as the routes write it for HTTP/2.
+/// The response head of every stream: what hyper writes for the stream route's response.
 fn response_head(close: bool) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(
@@ -479,9 +480,17 @@ mod tests {
         sent: &[u8],
         draining: &CancellationToken,
     ) -> Result<StreamRequest, Outcome> {
+        read_after(Vec::new(), sent, draining).await
+    }
+
+    /// The same, after the connection's last stream left `head` of the next request.
+    async fn read_after(
+        mut head: Vec<u8>,
+        sent: &[u8],
+        draining: &CancellationToken,
+    ) -> Result<StreamRequest, Outcome> {
         let (mut service, mut client) = tokio::io::duplex(64 * 1024);
         client.write_all(sent).await.unwrap();
-        let mut head = Vec::new();
         let result = read_request(&mut service, &mut head, draining, TIMEOUT).await;
         drop(client);
         result
@@ -503,6 +512,17 @@ mod tests {
         sent.resize(MAX_HEAD + 100, b'c');
         match read_from(&sent, &CancellationToken::new()).await {
             Err(Outcome::Handoff(read)) => assert_eq!(read, sent[..MAX_HEAD]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn heads_beyond_the_limit_reach_hyper_in_any_buffer() {
+        let mut head = Vec::with_capacity(4 * MAX_HEAD);
+        head.extend_from_slice(b"GET /sse/environments/abc/stream HTTP/1.1\r\nCookie: ");
+        let rest = vec![b'c'; 2 * MAX_HEAD];
+        match read_after(head, &rest, &CancellationToken::new()).await {
+            Err(Outcome::Handoff(handed)) => assert!(handed.len() >= MAX_HEAD),
             other => panic!("{other:?}"),
         }
     }
