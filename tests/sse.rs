@@ -302,6 +302,12 @@ async fn read_to_end(client: &mut SseClient) -> Vec<Vec<u8>> {
     }
 }
 
+async fn read_livez_answer(client: &mut SseClient) {
+    client.read_response_head().await;
+    assert_eq!(client.status, 200);
+    assert!(!client.read_body().await.is_empty());
+}
+
 #[tokio::test]
 async fn one_connection_carries_stream_after_stream_and_then_other_requests() {
     let service = Service::start_ready(short_streams()).await;
@@ -324,9 +330,7 @@ async fn one_connection_carries_stream_after_stream_and_then_other_requests() {
     client
         .send(&request_head(service.addr, "GET", "/livez", &[]))
         .await;
-    client.read_response_head().await;
-    assert_eq!(client.status, 200);
-    assert!(!client.read_body().await.is_empty());
+    read_livez_answer(&mut client).await;
 }
 
 #[tokio::test]
@@ -348,9 +352,7 @@ async fn requests_pipelined_behind_a_stream_are_answered_when_it_ends() {
     client.read_response_head().await;
     assert_eq!(client.status, 200);
     assert_eq!(read_to_end(&mut client).await.first(), Some(&event("8.5")));
-    client.read_response_head().await;
-    assert_eq!(client.status, 200);
-    assert!(!client.read_body().await.is_empty());
+    read_livez_answer(&mut client).await;
 }
 
 #[tokio::test]

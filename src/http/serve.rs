@@ -189,6 +189,7 @@ impl<S> Connection<S> {
     {
         let mut io = Counted {
             io,
+            unread: Vec::new(),
             matched: 0,
             open: None,
             batch_writes: false,
@@ -196,14 +197,12 @@ impl<S> Connection<S> {
             deferred_len: 0,
             metrics: self.metrics,
         };
-        let read = match &self.streams {
-            Some(state) => match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
+        if let Some(state) = &self.streams {
+            match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
                 h1::Outcome::Closed => return,
-                h1::Outcome::Handoff(read) => read,
-            },
-            None => Vec::new(),
-        };
-        let io = Prefixed { read, io };
+                h1::Outcome::Handoff(read) => io.unread = read,
+            }
+        }
         let connection = self
             .builder
             .serve_connection(TokioIo::new(io), self.service)
@@ -228,6 +227,8 @@ const HTTP2_BATCH_TURNS: u8 = 32;
 /// bytes until it is dropped. After the protocol is known a read costs one branch.
 struct Counted<I> {
     io: I,
+    /// Bytes `h1` read before it handed the connection to hyper, which reads them first.
+    unread: Vec<u8>,
     /// Bytes of the HTTP/2 preface seen so far.
     matched: usize,
     /// The gauge this connection is counted in, once its protocol is known.
@@ -295,6 +296,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let taken = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..taken]);
+            this.unread.drain(..taken);
+            if this.unread.is_empty() {
+                this.unread = Vec::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.io).poll_read(cx, buf);
         if this.open.is_none() && matches!(result, Poll::Ready(Ok(()))) {
@@ -330,63 +340,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// A transport whose first bytes were already read: reads return those first.
-struct Prefixed<I> {
-    /// The bytes not yet returned; emptied, and freed, as they are.
-    read: Vec<u8>,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.read.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
-        }
-        let taken = this.read.len().min(buf.remaining());
-        buf.put_slice(&this.read[..taken]);
-        this.read.drain(..taken);
-        if this.read.is_empty() {
-            this.read = Vec::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
