@@ -14,7 +14,8 @@
 //! and hyper's handling of them stays the reference.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice, Write as _};
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -341,8 +342,8 @@ impl Peer {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         while self.reading {
-            let mut bytes = [0; PEER_READ];
-            let mut buf = ReadBuf::new(&mut bytes);
+            let mut bytes = [MaybeUninit::uninit(); PEER_READ];
+            let mut buf = ReadBuf::uninit(&mut bytes);
             match Pin::new(&mut *io).poll_read(cx, &mut buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
@@ -369,12 +370,19 @@ struct ChunkSize {
 }
 
 impl ChunkSize {
+    /// Written for every event and subscriber, so without the formatting machinery.
     fn new(size: usize) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let digits = (usize::BITS - size.leading_zeros()).div_ceil(4).max(1) as usize;
         let mut bytes = [0; 18];
-        let mut cursor = io::Cursor::new(&mut bytes[..]);
-        write!(cursor, "{size:x}\r\n").expect("18 bytes hold any usize in hexadecimal");
-        let len = usize::try_from(cursor.position()).unwrap_or_default();
-        Self { bytes, len }
+        for (place, byte) in bytes[..digits].iter_mut().enumerate() {
+            *byte = HEX[(size >> (4 * (digits - 1 - place))) & 0xf];
+        }
+        bytes[digits..digits + 2].copy_from_slice(b"\r\n");
+        Self {
+            bytes,
+            len: digits + 2,
+        }
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -561,6 +569,7 @@ mod tests {
     fn chunk_sizes_are_hexadecimal() {
         assert_eq!(ChunkSize::new(0).as_bytes(), b"0\r\n");
         assert_eq!(ChunkSize::new(93).as_bytes(), b"5d\r\n");
+        assert_eq!(ChunkSize::new(4096).as_bytes(), b"1000\r\n");
         assert_eq!(
             ChunkSize::new(usize::MAX).as_bytes(),
             b"ffffffffffffffff\r\n"
