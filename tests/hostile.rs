@@ -1,0 +1,183 @@
+//! Malformed and hostile HTTP: every request gets a client error or a closed connection, never a
+//! server error (the documented `503`s aside), no connection task panics, and a subscriber
+//! connected throughout still gets its update.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Service, body_at, event, test_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Panics anywhere in this test binary, the service's connection tasks included: tokio would
+/// otherwise swallow them with the task.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        previous(info);
+    }));
+}
+
+/// What the service answered to `request`: the status of its first response, or `None` when it
+/// closed the connection without one. Fails if it neither answers nor closes within 15 s.
+async fn answer(service: &Service, request: &[u8]) -> Option<u16> {
+    let mut socket = TcpStream::connect(service.addr).await.unwrap();
+    // A service that closes early may reset the rest of a long request: that is an answer too.
+    let _ = socket.write_all(request).await;
+    let mut received = Vec::new();
+    let mut buffer = [0; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let read = tokio::time::timeout_at(deadline, socket.read(&mut buffer))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no answer and no close for {:?}",
+                    String::from_utf8_lossy(&request[..request.len().min(80)])
+                )
+            });
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+        }
+        if received.windows(2).any(|pair| pair == b"\r\n") {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&received);
+    let status = line.split_whitespace().nth(1)?;
+    Some(
+        status
+            .parse()
+            .unwrap_or_else(|_| panic!("bad status line {line:?}")),
+    )
+}
+
+fn assert_client_error(request: &[u8], status: Option<u16>) {
+    let shown = String::from_utf8_lossy(&request[..request.len().min(80)]);
+    match status {
+        None => {}
+        Some(status) => assert!(
+            (400..500).contains(&status),
+            "{shown:?} answered {status}, not a client error"
+        ),
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_get_client_errors_and_harm_no_one() {
+    count_panics();
+    let service = Service::start_ready(test_config()).await;
+    let mut bystander = service.subscribe("env").await;
+
+    let huge_header = format!(
+        "GET /sse/environments/env/stream HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1024 * 1024)
+    );
+    let many_headers = format!(
+        "GET /sse/environments/env/stream HTTP/1.1\r\n{}\r\n",
+        (0..200)
+            .map(|n| format!("X-H{n}: v\r\n"))
+            .collect::<String>()
+    );
+    let oversized_body = format!(
+        "POST /sse/environments/env/queue-change HTTP/1.1\r\nHost: x\r\nAuthorization: Token {}\r\nContent-Length: 10000000\r\n\r\n{}",
+        common::TOKEN,
+        "x".repeat(64 * 1024)
+    );
+    let requests: Vec<Vec<u8>> = vec![
+        b"FOO /sse/environments/env/stream HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET /sse/environments/env/stream HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET /sse/environments/\xff\xfe/stream HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET /sse/environments/%ff%fe/stream HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET sse/environments/env/stream HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        b"GET /sse/environments/env/stream HTTP/1.1\r\nBad Header Line\r\n\r\n".to_vec(),
+        format!(
+            "POST /sse/environments/env/queue-change HTTP/1.1\r\nHost: x\r\nAuthorization: Token {}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n",
+            common::TOKEN
+        )
+        .into_bytes(),
+        [
+            format!(
+                "POST /sse/environments/env/queue-change HTTP/1.1\r\nHost: x\r\nAuthorization: Token {}\r\nContent-Length: 4\r\n\r\n",
+                common::TOKEN
+            )
+            .as_bytes(),
+            b"\xff\xfe\xfd\xfc",
+        ]
+        .concat(),
+        oversized_body.into_bytes(),
+        huge_header.into_bytes(),
+        many_headers.into_bytes(),
+        vec![0; 300],
+        b"\r\n\r\n\r\n".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nthis is not a frame at all".to_vec(),
+    ];
+    for request in &requests {
+        let status = answer(&service, request).await;
+        assert_client_error(request, status);
+    }
+
+    // Both framings at once: hyper lets Transfer-Encoding win, as RFC 9112 §6.3 says, and reads
+    // an empty chunked body (the service's own stream path leaves requests with bodies to it).
+    let both = b"GET /sse/environments/env/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let status = answer(&service, both).await;
+    assert!(matches!(status, Some(200 | 400) | None), "{status:?}");
+
+    assert_eq!(service.readyz().await, 200);
+    assert_eq!(service.publish("env", &body_at(3.5)).await.0, 200);
+    assert_eq!(bystander.next_event().await, event("3.5"));
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
+}
+
+#[tokio::test]
+async fn slow_loris_heads_are_cut_off_after_ten_seconds() {
+    count_panics();
+    let service = Service::start_ready(test_config()).await;
+    let started = Instant::now();
+    // A stream request that never ends its head, and one that trickles a byte a second.
+    let mut silent = TcpStream::connect(service.addr).await.unwrap();
+    silent
+        .write_all(b"GET /sse/environments/env/stream HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn({
+        let addr = service.addr;
+        async move {
+            let mut socket = TcpStream::connect(addr).await.unwrap();
+            for byte in b"GET /sse/environments/env/stream HTTP/1.1\r\nX-Slow: "
+                .iter()
+                .cycle()
+            {
+                if socket.write_all(&[*byte]).await.is_err() {
+                    return Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            unreachable!("the cycle never ends")
+        }
+    });
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut rest))
+        .await
+        .expect("the service closes a silent connection");
+    assert!(read.is_err() || rest.is_empty(), "answered {rest:?}");
+    let silent_closed = started.elapsed();
+    let trickle_closed = tokio::time::timeout(Duration::from_secs(20), trickle)
+        .await
+        .expect("the service closes a trickling connection")
+        .unwrap()
+        - started;
+    for closed in [silent_closed, trickle_closed] {
+        assert!(
+            closed >= Duration::from_secs(9) && closed < Duration::from_secs(15),
+            "closed after {closed:?}"
+        );
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
+}
