@@ -1,8 +1,11 @@
 //! The publish token: loaded from the configuration or a file, re-read on SIGHUP, and compared
-//! in constant time.
+//! in constant time; and the throttle that keeps a peer from guessing it at line rate.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -77,6 +80,83 @@ impl Authenticator {
     }
 }
 
+/// Failed authentications a peer may have within [`THROTTLE_WINDOW`].
+pub const MAX_FAILURES: u32 = 20;
+/// How long failures count against a peer, from its first.
+pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+/// Peers tracked at once; beyond, new peers share one allowance, so memory stays bounded
+/// whatever the number of addresses an attacker has.
+const MAX_PEERS: usize = 65_536;
+
+/// Failed authentications per peer. A peer that failed [`MAX_FAILURES`] times within
+/// [`THROTTLE_WINDOW`] is refused without a check until the window ends: refusing only wrong
+/// tokens would still let it guess at line rate, and learn the answer from the status.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    peers: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+impl Throttle {
+    /// `Err(wait)` while `peer` may not try: `wait` is how long until it may.
+    pub fn check(&self, peer: IpAddr, now: Instant) -> Result<(), Duration> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get(&Self::key(&peers, peer)) {
+            Some(failures)
+                if failures.count >= MAX_FAILURES && now < failures.since + THROTTLE_WINDOW =>
+            {
+                Err(failures.since + THROTTLE_WINDOW - now)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed authentication of `peer`.
+    pub fn failed(&self, peer: IpAddr, now: Instant) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.len() >= MAX_PEERS {
+            peers.retain(|_, failures| now < failures.since + THROTTLE_WINDOW);
+        }
+        let key = Self::key(&peers, peer);
+        let failures = peers.entry(key).or_insert(Failures {
+            count: 0,
+            since: now,
+        });
+        if now >= failures.since + THROTTLE_WINDOW {
+            *failures = Failures {
+                count: 0,
+                since: now,
+            };
+        }
+        failures.count = failures.count.saturating_add(1);
+    }
+
+    /// The entry `peer` counts in: its address (an IPv6 peer's /64, which one host can fill
+    /// with addresses), or the shared one when the table is full.
+    fn key(peers: &HashMap<IpAddr, Failures>, peer: IpAddr) -> IpAddr {
+        let peer = match peer {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let mut segments = v6.segments();
+                    segments[4..].fill(0);
+                    IpAddr::V6(Ipv6Addr::from(segments))
+                }
+            },
+            v4 => v4,
+        };
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
+            return IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        }
+        peer
+    }
+}
+
 fn read_token(path: &PathBuf) -> Result<String, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
         path: path.clone(),
@@ -118,6 +198,51 @@ mod tests {
         assert!(!auth.verify(Some(b"Token ")));
         assert!(!auth.verify(Some(b"Token \xff")));
         assert!(!auth.verify(None));
+    }
+
+    #[test]
+    fn a_peer_is_refused_after_its_failures_until_the_window_ends() {
+        let throttle = Throttle::default();
+        let start = Instant::now();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            assert_eq!(throttle.check(peer, start), Ok(()));
+            throttle.failed(peer, start);
+        }
+        let later = start + Duration::from_secs(10);
+        assert_eq!(
+            throttle.check(peer, later),
+            Err(THROTTLE_WINDOW - Duration::from_secs(10))
+        );
+        // Others are not held up, the same address mapped into IPv6 is.
+        assert_eq!(throttle.check("192.0.2.2".parse().unwrap(), later), Ok(()));
+        assert!(
+            throttle
+                .check("::ffff:192.0.2.1".parse().unwrap(), later)
+                .is_err()
+        );
+        assert_eq!(throttle.check(peer, start + THROTTLE_WINDOW), Ok(()));
+        // A new window starts with the next failure.
+        throttle.failed(peer, start + THROTTLE_WINDOW);
+        assert_eq!(throttle.check(peer, start + THROTTLE_WINDOW), Ok(()));
+    }
+
+    #[test]
+    fn an_ipv6_peer_counts_as_its_slash_64() {
+        let throttle = Throttle::default();
+        let now = Instant::now();
+        for n in 0..MAX_FAILURES {
+            throttle.failed(format!("2001:db8::{n:x}").parse().unwrap(), now);
+        }
+        assert!(
+            throttle
+                .check("2001:db8::ffff:1".parse().unwrap(), now)
+                .is_err()
+        );
+        assert_eq!(
+            throttle.check("2001:db8:0:1::1".parse().unwrap(), now),
+            Ok(())
+        );
     }
 
     #[test]

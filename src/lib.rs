@@ -112,6 +112,7 @@ pub async fn run(
         hub: hub.clone(),
         backend: backend.clone(),
         auth: auth.clone(),
+        throttle: auth::Throttle::default(),
         streams: http::stream::StreamSettings {
             max_age: (!config.max_stream_age.is_zero()).then(|| config.max_stream_age.duration()),
             max_age_jitter: config.max_stream_age_jitter,

@@ -88,6 +88,7 @@ pub struct PublishOutcomes {
     pub stored: IntCounter,
     pub duplicate: IntCounter,
     pub unauthorized: IntCounter,
+    pub throttled: IntCounter,
     pub bad_request: IntCounter,
     pub too_large: IntCounter,
     pub unavailable: IntCounter,
@@ -189,7 +190,8 @@ impl Metrics {
         let outcomes = r.counter_vec(
             "publish_requests_total",
             "queue-change requests by outcome: stored, duplicate (already known), \
-             unauthorized, bad_request, too_large, unavailable (backend refused), timeout.",
+             unauthorized, throttled (refused after repeated failed authentications), \
+             bad_request, too_large, unavailable (backend refused), timeout.",
             "outcome",
         );
         let outcome = |name: &str| outcomes.with_label_values(&[name]);
@@ -198,6 +200,7 @@ impl Metrics {
                 stored: outcome("stored"),
                 duplicate: outcome("duplicate"),
                 unauthorized: outcome("unauthorized"),
+                throttled: outcome("throttled"),
                 bad_request: outcome("bad_request"),
                 too_large: outcome("too_large"),
                 unavailable: outcome("unavailable"),

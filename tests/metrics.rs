@@ -80,6 +80,7 @@ async fn every_metric_is_there_from_the_start() {
         outcome("stored"),
         outcome("duplicate"),
         outcome("unauthorized"),
+        outcome("throttled"),
         outcome("bad_request"),
         outcome("too_large"),
         outcome("unavailable"),

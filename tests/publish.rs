@@ -45,6 +45,54 @@ async fn missing_or_wrong_token_is_401_and_publishes_nothing() {
     assert_only_pings(&mut client).await;
 }
 
+/// A publish from the source address `source`: status, `Retry-After`, body.
+async fn publish_from(service: &Service, source: &str, token: &str) -> (u16, Option<u64>, String) {
+    let client = reqwest::Client::builder()
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let response = client
+        .post(service.url("/sse/environments/env/queue-change"))
+        .header("authorization", format!("Token {token}"))
+        .body(body_at(20.5))
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().parse().unwrap());
+    (
+        response.status().as_u16(),
+        retry_after,
+        response.text().await.unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_peer_that_keeps_failing_authentication_is_throttled_alone() {
+    let service = quiet_service().await;
+    let mut client = service.subscribe("env").await;
+    for _ in 0..20 {
+        assert_eq!(publish_from(&service, "127.0.0.2", "guess").await.0, 401);
+    }
+    // From now on even the right token is refused unchecked: a guess would learn nothing.
+    for token in ["guess", TOKEN] {
+        let (status, retry_after, answer) = publish_from(&service, "127.0.0.2", token).await;
+        assert_eq!(status, 429, "{token}");
+        let retry_after = retry_after.expect("a Retry-After header");
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        assert_eq!(
+            answer,
+            r#"{"detail":"Too many failed authentications, retry later"}"#
+        );
+    }
+    assert_only_pings(&mut client).await;
+    // Another peer is not held up.
+    assert_eq!(publish_from(&service, "127.0.0.3", TOKEN).await.0, 200);
+    assert_eq!(client.next_event().await, event("20.5"));
+}
+
 #[tokio::test]
 async fn malformed_keys_and_bodies_are_400_with_a_detail() {
     let service = quiet_service().await;

@@ -14,6 +14,7 @@ pub mod serve;
 pub mod stream;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use http_body_util::Either;
 use tokio_util::sync::CancellationToken;
 use warp::{Filter, Rejection, Reply};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Throttle};
 use crate::backend::Backend;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -33,6 +34,8 @@ pub struct State {
     pub hub: Arc<Hub>,
     pub backend: Arc<dyn Backend>,
     pub auth: Arc<Authenticator>,
+    /// Failed publish authentications per peer.
+    pub throttle: Throttle,
     pub streams: stream::StreamSettings,
     pub admission: stream::Admission,
     pub publish_timeout: Duration,
@@ -41,6 +44,10 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub log: slog::Logger,
 }
+
+/// The address of the client a request came from, put in its extensions by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// Which routes a listener serves; health checks and CORS preflight are on every listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +182,9 @@ pub enum ApiError {
     TooManyStreams,
     #[error("Request body is larger than {} bytes", publish::MAX_BODY_BYTES)]
     PayloadTooLarge,
+    /// Too many failed authentications from this peer; it may try again after this long.
+    #[error("Too many failed authentications, retry later")]
+    Throttled(std::time::Duration),
 }
 
 impl ApiError {
@@ -183,6 +193,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::PublishTimeout | ApiError::TooManyStreams => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -196,6 +207,7 @@ impl ApiError {
             ApiError::Unauthorized | ApiError::BadRequest(_) | ApiError::PayloadTooLarge => None,
             ApiError::Unavailable(_) | ApiError::PublishTimeout => Some(1),
             ApiError::TooManyStreams => Some(rand::random_range(1..=10)),
+            ApiError::Throttled(wait) => Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
         }
     }
 

@@ -6,6 +6,7 @@
 //! Each request has an id, the caller's `X-Request-Id` or a new one, returned in the response
 //! and carried by its log lines; every refused request logs one warning.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use http::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderName, HeaderValue};
 use slog::{debug, warn};
 use warp::{Filter, Reply};
 
-use super::{ApiError, State, with_state};
+use super::{ApiError, PeerAddr, State, with_state};
 use crate::domain::{EnvironmentKey, MAX_KEY_LEN, Update, UpdatedAt};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -32,6 +33,7 @@ pub fn route(
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
     warp::path!("sse" / "environments" / String / "queue-change")
         .and(warp::post())
+        .and(warp::ext::optional::<PeerAddr>())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(with_state(state))
@@ -48,6 +50,7 @@ enum Outcome {
 
 async fn queue_change(
     key: String,
+    peer: Option<PeerAddr>,
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>>,
     state: Arc<State>,
@@ -55,7 +58,11 @@ async fn queue_change(
     let started = Instant::now();
     let request_id = request_id(&headers);
     let log = state.log.new(slog::o!("request_id" => request_id.clone()));
-    let result = accept(&key, &headers, body, &state, &log).await;
+    // Every request reaches the handler through the accept loop, which names its peer.
+    let peer = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |PeerAddr(addr)| {
+        addr.ip()
+    });
+    let result = accept(&key, peer, &headers, body, &state, &log).await;
     let elapsed = started.elapsed();
     let metrics = &state.metrics.publish;
     metrics.duration.observe(elapsed.as_secs_f64());
@@ -74,6 +81,7 @@ async fn queue_change(
         Err(failure) => {
             let outcome = match &failure.error {
                 ApiError::Unauthorized => &outcomes.unauthorized,
+                ApiError::Throttled(_) => &outcomes.throttled,
                 ApiError::BadRequest(_) => &outcomes.bad_request,
                 ApiError::PayloadTooLarge => &outcomes.too_large,
                 ApiError::PublishTimeout => &outcomes.timeout,
@@ -130,13 +138,20 @@ fn request_id(headers: &HeaderMap) -> String {
 
 async fn accept(
     key: &str,
+    peer: IpAddr,
     headers: &HeaderMap,
     body: impl Stream<Item = Result<impl Buf, warp::Error>>,
     state: &State,
     log: &slog::Logger,
 ) -> Result<(Update, Outcome), Failure> {
+    let now = Instant::now();
+    state
+        .throttle
+        .check(peer, now)
+        .map_err(ApiError::Throttled)?;
     let authorization = headers.get(AUTHORIZATION).map(|value| value.as_bytes());
     if !state.auth.verify(authorization) {
+        state.throttle.failed(peer, now);
         return Err(ApiError::Unauthorized.into());
     }
     let key = EnvironmentKey::from_path_segment(key)

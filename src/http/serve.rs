@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{State, h1};
+use super::{PeerAddr, State, h1};
 use crate::config::Http2Config;
 use crate::metrics::{ConnectionMetrics, ProtocolCounters};
 
@@ -203,15 +203,40 @@ impl<S> Connection<S> {
                 h1::Outcome::Handoff(read) => io.unread = read,
             }
         }
+        let service = WithPeer {
+            service: self.service,
+            peer: PeerAddr(self.peer),
+        };
         let connection = self
             .builder
-            .serve_connection(TokioIo::new(io), self.service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         // Boxed: the task of every connection is allocated at the size of its largest state,
         // and hyper's is kilobytes that a connection served by `h1` never uses.
         if let Err(err) = Box::pin(self.watcher.watch(connection)).await {
             debug!(self.log, "connection ended with an error"; "peer" => %self.peer, "error" => %err);
         }
+    }
+}
+
+/// A connection's service, which tells every request whom it came from.
+#[derive(Clone)]
+struct WithPeer<S> {
+    service: S,
+    peer: PeerAddr,
+}
+
+impl<S> hyper::service::Service<Request<hyper::body::Incoming>> for WithPeer<S>
+where
+    S: hyper::service::Service<Request<hyper::body::Incoming>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: Request<hyper::body::Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        self.service.call(request)
     }
 }
 
