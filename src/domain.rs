@@ -287,6 +287,18 @@ mod tests {
     }
 
     #[test]
+    fn numbers_read_back_as_exactly_what_was_printed() {
+        // Found by the properties below: serde_json's default float parser, which is not
+        // correctly rounded, read this one ulp off, so the instance that received the update
+        // over NATS printed `...1068`.
+        let body = br#"{"updated_at": 126830942915.10681}"#;
+        assert_eq!(
+            UpdatedAt::from_body(body).unwrap().to_string(),
+            "126830942915.10681"
+        );
+    }
+
+    #[test]
     fn event_frame_is_byte_exact() {
         let update = Update {
             key: EnvironmentKey::parse("abc").unwrap(),
@@ -297,5 +309,84 @@ mod tests {
             b"event: environment_updated\ndata: {\"updated_at\": 1735229888.76}\nretry: 15000\n\n"
         );
         assert_eq!(update.message_id(), "abc:1735229888.76");
+    }
+}
+
+/// Bounded property runs over the parsers that read what clients send (issue 7's hostile
+/// input): the same cases on every run, so a failure reproduces.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            cases: 2000,
+            failure_persistence: None,
+            rng_seed: RngSeed::Fixed(6),
+            ..Config::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_body_is_a_timestamp_or_an_error(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = UpdatedAt::from_body(&body);
+        }
+
+        #[test]
+        fn any_json_value_of_updated_at_is_a_timestamp_or_an_error(text in "\\PC{0,40}", number in any::<f64>()) {
+            let _ = UpdatedAt::from_body(format!("{{\"updated_at\": {}}}", serde_json::json!(text)).as_bytes());
+            if let Ok(body) = serde_json::to_string(&serde_json::json!({ "updated_at": number })) {
+                let _ = UpdatedAt::from_body(body.as_bytes());
+            }
+        }
+
+        #[test]
+        fn every_timestamp_prints_a_point_and_reads_back_the_same(seconds in 0.0..=MAX_UNIX_SECONDS) {
+            let updated_at = UpdatedAt::from_unix_seconds(seconds).unwrap();
+            let text = updated_at.to_string();
+            prop_assert!(text.contains('.'), "{text}");
+            let update = Update { key: EnvironmentKey::parse("k").unwrap(), updated_at };
+            prop_assert_eq!(UpdatedAt::from_body(update.payload().as_bytes()).unwrap(), updated_at);
+        }
+
+        #[test]
+        fn iso_strings_with_microseconds_read_exactly(
+            seconds in 0i64..=MAX_UNIX_SECONDS as i64,
+            micros in 0u32..1_000_000,
+            offset_minutes in -(23 * 60 + 59)..=(23 * 60 + 59i32),
+        ) {
+            let instant = OffsetDateTime::from_unix_timestamp(seconds).unwrap()
+                + time::Duration::microseconds(i64::from(micros));
+            let offset = time::UtcOffset::from_whole_seconds(offset_minutes * 60).unwrap();
+            let text = instant
+                .to_offset(offset)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            let expected = seconds as f64 + f64::from(micros) / 1e6;
+            match UpdatedAt::parse_iso8601(&text) {
+                Ok(parsed) => prop_assert_eq!(parsed.as_secs_f64(), expected, "{}", text),
+                // Shifted past year 9999 or before 1970 by the offset: out of range, not wrong.
+                Err(err) => prop_assert!(matches!(err, TimestampError::NotIso8601(_)), "{text}: {err}"),
+            }
+        }
+
+        #[test]
+        fn keys_are_safe_subject_tokens_and_survive_percent_encoding(raw in "\\PC{0,140}") {
+            if let Ok(key) = EnvironmentKey::parse(&raw) {
+                let text = key.as_str();
+                prop_assert!(!text.is_empty() && text.len() <= MAX_KEY_LEN);
+                prop_assert!(text.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>')));
+                let encoded = percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string();
+                prop_assert_eq!(EnvironmentKey::from_path_segment(&encoded).unwrap(), key);
+            }
+            let _ = EnvironmentKey::from_path_segment(&raw);
+        }
     }
 }
