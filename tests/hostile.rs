@@ -1,6 +1,7 @@
 //! Malformed and hostile HTTP: every request gets a client error or a closed connection, never a
 //! server error (the documented `503`s aside), no connection task panics, and a subscriber
-//! connected throughout still gets its update.
+//! connected throughout still gets its update. Generated `queue-change` bodies (proptest, a
+//! fixed seed) get `200`, `400` or `413`.
 
 mod common;
 
@@ -179,5 +180,70 @@ async fn slow_loris_heads_are_cut_off_after_ten_seconds() {
             "closed after {closed:?}"
         );
     }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
+}
+
+/// What `queue-change` makes of generated bodies: 200, 400 or 413, never a server error.
+#[test]
+fn generated_publish_bodies_get_200_400_or_413() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+
+    count_panics();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let service = runtime.block_on(Service::start_ready(test_config()));
+    let client = reqwest::Client::new();
+    let json_value = prop_oneof![
+        any::<f64>().prop_map(|n| serde_json::json!(n)),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        "\\PC{0,40}".prop_map(|text| serde_json::json!(text)),
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})?"
+            .prop_map(|text| serde_json::json!(text)),
+        Just(serde_json::json!(null)),
+        Just(serde_json::json!({ "nested": [1, 2] })),
+    ];
+    let body = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..6000),
+        json_value.prop_map(|value| serde_json::json!({ "updated_at": value })
+            .to_string()
+            .into_bytes()),
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 400,
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(7),
+        ..Config::default()
+    });
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    runner
+        .run(&body, |body| {
+            let status = runtime.block_on(async {
+                client
+                    .post(service.url("/sse/environments/env/queue-change"))
+                    .header("authorization", format!("Token {}", common::TOKEN))
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            seen.borrow_mut().insert(status);
+            prop_assert!(
+                matches!(status, 200 | 400 | 413),
+                "{status} for {:?}",
+                String::from_utf8_lossy(&body[..body.len().min(80)])
+            );
+            Ok(())
+        })
+        .unwrap();
+    // The generated bodies reach every outcome, so each was checked.
+    assert_eq!(
+        seen.into_inner().into_iter().collect::<Vec<_>>(),
+        [200, 400, 413]
+    );
+    runtime.block_on(async {
+        assert_eq!(service.readyz().await, 200);
+    });
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
 }
