@@ -84,8 +84,9 @@ impl Authenticator {
 pub const MAX_FAILURES: u32 = 20;
 /// How long failures count against a peer, from its first.
 pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
-/// Peers tracked at once; beyond, new peers share one allowance, so memory stays bounded
-/// whatever the number of addresses an attacker has.
+/// Peers tracked at once, so memory stays bounded whatever the number of addresses an attacker
+/// has. Beyond, new peers are not tracked: sharing one allowance instead would let such an
+/// attacker lock out the legitimate publisher, which never fails and so is never tracked.
 const MAX_PEERS: usize = 65_536;
 
 /// Failed authentications per peer. A peer that failed [`MAX_FAILURES`] times within
@@ -106,7 +107,7 @@ impl Throttle {
     /// `Err(wait)` while `peer` may not try: `wait` is how long until it may.
     pub fn check(&self, peer: IpAddr, now: Instant) -> Result<(), Duration> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        match peers.get(&Self::key(&peers, peer)) {
+        match peers.get(&Self::key(peer)) {
             Some(failures)
                 if failures.count >= MAX_FAILURES && now < failures.since + THROTTLE_WINDOW =>
             {
@@ -119,10 +120,13 @@ impl Throttle {
     /// Counts a failed authentication of `peer`.
     pub fn failed(&self, peer: IpAddr, now: Instant) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if peers.len() >= MAX_PEERS {
+        let key = Self::key(peer);
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&key) {
             peers.retain(|_, failures| now < failures.since + THROTTLE_WINDOW);
+            if peers.len() >= MAX_PEERS {
+                return;
+            }
         }
-        let key = Self::key(&peers, peer);
         let failures = peers.entry(key).or_insert(Failures {
             count: 0,
             since: now,
@@ -136,10 +140,10 @@ impl Throttle {
         failures.count = failures.count.saturating_add(1);
     }
 
-    /// The entry `peer` counts in: its address (an IPv6 peer's /64, which one host can fill
-    /// with addresses), or the shared one when the table is full.
-    fn key(peers: &HashMap<IpAddr, Failures>, peer: IpAddr) -> IpAddr {
-        let peer = match peer {
+    /// The entry `peer` counts in: its address, or an IPv6 peer's /64, which one host can fill
+    /// with addresses.
+    fn key(peer: IpAddr) -> IpAddr {
+        match peer {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => IpAddr::V4(v4),
                 None => {
@@ -149,11 +153,7 @@ impl Throttle {
                 }
             },
             v4 => v4,
-        };
-        if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
-            return IpAddr::V6(Ipv6Addr::UNSPECIFIED);
         }
-        peer
     }
 }
 
@@ -225,6 +225,33 @@ mod tests {
         // A new window starts with the next failure.
         throttle.failed(peer, start + THROTTLE_WINDOW);
         assert_eq!(throttle.check(peer, start + THROTTLE_WINDOW), Ok(()));
+    }
+
+    #[test]
+    fn a_full_table_tracks_no_new_peers_and_keeps_its_own() {
+        let throttle = Throttle::default();
+        let now = Instant::now();
+        let tracked: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..MAX_FAILURES - 1 {
+            throttle.failed(tracked, now);
+        }
+        for n in 0..MAX_PEERS - 1 {
+            let octets = (n as u32 + 1).to_be_bytes();
+            throttle.failed(IpAddr::from([10, octets[1], octets[2], octets[3]]), now);
+        }
+        let newcomer: IpAddr = "198.51.100.1".parse().unwrap();
+        for _ in 0..MAX_FAILURES {
+            throttle.failed(newcomer, now);
+        }
+        assert_eq!(throttle.check(newcomer, now), Ok(()));
+        throttle.failed(tracked, now);
+        assert!(throttle.check(tracked, now).is_err());
+        // Once the window is over, expired entries make room again.
+        let later = now + THROTTLE_WINDOW;
+        for _ in 0..MAX_FAILURES {
+            throttle.failed(newcomer, later);
+        }
+        assert!(throttle.check(newcomer, later).is_err());
     }
 
     #[test]
