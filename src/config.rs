@@ -58,6 +58,9 @@ pub struct Config {
     pub max_stream_age_jitter: f64,
     /// Seconds without a write after which a stream gets a `: ping` comment. Default 15.
     pub keepalive_interval: Seconds,
+    /// Seconds a write may wait for a client that reads nothing before its connection is
+    /// closed. Default 30.
+    pub write_timeout: Seconds,
     /// Seconds an update stays known, to be sent first to new subscribers. Default 3600; also
     /// the NATS stream's `max_age`.
     pub retention: Seconds,
@@ -89,6 +92,7 @@ impl Default for Config {
             max_stream_age: Seconds(30.0),
             max_stream_age_jitter: 0.1,
             keepalive_interval: Seconds(15.0),
+            write_timeout: Seconds(30.0),
             retention: Seconds(3600.0),
             max_streams: 200_000,
             publish_timeout: Seconds(1.5),
@@ -489,6 +493,9 @@ impl Config {
         }
         if self.keepalive_interval.is_zero() {
             return Err(invalid("keepalive_interval", "must be more than 0 seconds"));
+        }
+        if self.write_timeout.is_zero() {
+            return Err(invalid("write_timeout", "must be more than 0 seconds"));
         }
         if self.retention.is_zero() {
             return Err(invalid("retention", "must be more than 0 seconds"));

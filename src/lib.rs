@@ -128,8 +128,11 @@ pub async fn run(
     });
     // Serve before the backend is ready: liveness answers, streams open, and publishes get a
     // clear 503 until the backend can store them.
-    let builder = http::serve::connection_builder(&config.http2);
-    let connection_metrics = Arc::new(metrics.connections.clone());
+    let connections = Arc::new(http::serve::Connections::new(
+        &config.http2,
+        config.write_timeout.duration(),
+        metrics.connections.clone(),
+    ));
     let mut servers = tokio::task::JoinSet::new();
     let mut certificates = Vec::new();
     for listener in served {
@@ -143,10 +146,9 @@ pub async fn run(
         servers.spawn(http::serve::serve(
             listener.listener,
             acceptor,
-            builder.clone(),
+            connections.clone(),
             http::service(http::routes(state.clone(), listener.endpoints)),
             listener.endpoints.streams.then(|| state.clone()),
-            connection_metrics.clone(),
             draining.clone(),
             log.new(slog::o!("listener" => listener.name)),
         ));

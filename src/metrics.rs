@@ -122,6 +122,7 @@ pub struct ConnectionMetrics {
     pub http1: ProtocolCounters,
     pub http2: ProtocolCounters,
     pub tls_handshake_errors: IntCounter,
+    pub write_timeouts: IntCounter,
 }
 
 #[derive(Debug, Clone)]
@@ -281,6 +282,10 @@ impl Metrics {
             tls_handshake_errors: r.counter(
                 "tls_handshake_errors_total",
                 "TLS handshakes that failed or timed out.",
+            ),
+            write_timeouts: r.counter(
+                "write_timeouts_total",
+                "Connections closed because the client read nothing for write_timeout.",
             ),
         };
 

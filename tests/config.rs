@@ -107,6 +107,7 @@ fn defaults_are_the_documented_values() {
         max_stream_age: secs(30.0),
         max_stream_age_jitter: 0.1,
         keepalive_interval: secs(15.0),
+        write_timeout: secs(30.0),
         retention: secs(3600.0),
         max_streams: 200_000,
         publish_timeout: secs(1.5),
@@ -547,8 +548,9 @@ fn publish_tls_needs_a_publish_listener() {
 }
 
 #[test]
-fn http2_settings_must_be_positive() {
+fn settings_that_must_be_positive() {
     for (key, toml) in [
+        ("write_timeout", "write_timeout = 0"),
         (
             "http2.max_concurrent_streams",
             "[http2]\nmax_concurrent_streams = 0",

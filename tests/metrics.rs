@@ -63,6 +63,7 @@ async fn every_metric_is_there_from_the_start() {
         "flagsmith_sse_publish_duration_seconds_count".to_owned(),
         "flagsmith_sse_backend_reconnects_total".to_owned(),
         "flagsmith_sse_tls_handshake_errors_total".to_owned(),
+        "flagsmith_sse_write_timeouts_total".to_owned(),
         "flagsmith_sse_nats_consumer_sequence".to_owned(),
         "flagsmith_sse_nats_consumer_pending".to_owned(),
         "flagsmith_sse_environments".to_owned(),

@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::http::{Connection, TestCertificate, connector, negotiated, tls_connect};
 use common::{Chunk, NatsServer, SseClient, body_at, event, publish};
 use tokio::io::AsyncWriteExt;
@@ -67,123 +67,6 @@ impl FakeSystemd {
         self.received()
             .iter()
             .any(|m| m.lines().any(|l| l.starts_with(prefix)))
-    }
-}
-
-/// The binary, with its JSON log lines forwarded to a channel.
-struct Daemon {
-    child: Child,
-    logs: mpsc::Receiver<serde_json::Value>,
-    /// Lines already taken from `logs` while waiting for another.
-    seen: Vec<serde_json::Value>,
-}
-
-impl Daemon {
-    fn spawn(envs: &[(&str, String)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("FLAGSMITH_SSE_")
-                || [
-                    "NATS_URL",
-                    "LISTEN_ADDR",
-                    "SSE_AUTHENTICATION_TOKEN",
-                    "REDIS_HOST",
-                ]
-                .contains(&name.as_str())
-            {
-                command.env_remove(name);
-            }
-        }
-        command
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("FLAGSMITH_SSE_LOG__FORMAT", "json")
-            .envs(envs.iter().map(|(name, value)| (*name, value)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("start flagsmith-sse");
-        let stderr = child.stderr.take().unwrap();
-        let (sender, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let parsed = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "msg": line }));
-                if sender.send(parsed).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            child,
-            logs,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits up to 10 s for the next log line with message `msg`.
-    fn wait_log(&mut self, msg: &str) -> serde_json::Value {
-        loop {
-            let line = self
-                .logs
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("no {msg:?} log line; log so far: {:?}", self.seen));
-            self.seen.push(line.clone());
-            if line["msg"] == msg {
-                return line;
-            }
-        }
-    }
-
-    /// Every log line so far, waited for or not.
-    fn all_logs(&mut self) -> &[serde_json::Value] {
-        self.seen.extend(self.logs.try_iter());
-        &self.seen
-    }
-
-    /// The address from the start-up log line.
-    fn listen_addr(&mut self) -> SocketAddr {
-        let line = self.wait_log("starting");
-        // The effective configuration, as an object, with the token redacted.
-        assert!(line["config"]["max_stream_age"].is_number(), "{line}");
-        assert!(
-            line["config"]["authentication_token"].is_null()
-                || line["config"]["authentication_token"] == "<redacted>",
-            "{line}"
-        );
-        line["listen"].as_str().unwrap().parse().unwrap()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for exit; returns the exit code and how long it took.
-    fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), started.elapsed());
-            }
-            if started.elapsed() > limit {
-                let logs: Vec<_> = self.logs.try_iter().map(|line| line.to_string()).collect();
-                panic!("still running after {limit:?}; log:\n{}", logs.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -18,6 +18,7 @@
 //! connection writes them together; on an idle system a write waits one turn.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -32,6 +33,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use slog::{Logger, debug, error};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -57,23 +59,36 @@ const CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// coalesces to the newest update instead of queueing (hyper's default is 400 KiB).
 const STREAM_SEND_BUFFER: usize = 16 * 1024;
 
-/// The connection settings every listener shares.
-pub fn connection_builder(http2: &Http2Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(http2.max_concurrent_streams)
-        .keep_alive_interval(http2.keepalive_interval.duration())
-        .keep_alive_timeout(http2.keepalive_timeout.duration())
-        .initial_stream_window_size(STREAM_RECEIVE_WINDOW)
-        .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
-        .max_send_buf_size(STREAM_SEND_BUFFER);
-    builder
+/// What every connection of every listener shares.
+pub struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    /// How long a write may wait for a client that reads nothing.
+    write_timeout: Duration,
+    metrics: ConnectionMetrics,
+}
+
+impl Connections {
+    pub fn new(http2: &Http2Config, write_timeout: Duration, metrics: ConnectionMetrics) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(http2.max_concurrent_streams)
+            .keep_alive_interval(http2.keepalive_interval.duration())
+            .keep_alive_timeout(http2.keepalive_timeout.duration())
+            .initial_stream_window_size(STREAM_RECEIVE_WINDOW)
+            .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
+            .max_send_buf_size(STREAM_SEND_BUFFER);
+        Self {
+            builder,
+            write_timeout,
+            metrics,
+        }
+    }
 }
 
 /// Serves `listener` until `stop` fires and its connections have ended. With `tls`, each
@@ -82,14 +97,12 @@ pub fn connection_builder(http2: &Http2Config) -> auto::Builder<TokioExecutor> {
 ///
 /// With `streams`, the listener serves stream subscriptions, and HTTP/1.1 ones are answered
 /// by `h1` (with `state`'s hub and settings) instead of hyper.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    builder: auto::Builder<TokioExecutor>,
+    connections: Arc<Connections>,
     service: S,
     streams: Option<Arc<State>>,
-    metrics: Arc<ConnectionMetrics>,
     stop: CancellationToken,
     log: Logger,
 ) where
@@ -105,7 +118,6 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -122,12 +134,11 @@ pub async fn serve<S, B>(
         // Events are small and latency matters more than packet count.
         let _ = socket.set_nodelay(true);
         let connection = Connection {
-            builder: builder.clone(),
+            shared: connections.clone(),
             service: service.clone(),
             streams: streams.clone(),
             watcher: graceful.watcher(),
             peer,
-            metrics: metrics.clone(),
             log: log.clone(),
         };
         match &tls {
@@ -145,11 +156,11 @@ pub async fn serve<S, B>(
                     match handshake {
                         Ok(Ok(stream)) => connection.serve(stream).await,
                         Ok(Err(err)) => {
-                            connection.metrics.tls_handshake_errors.inc();
+                            connection.shared.metrics.tls_handshake_errors.inc();
                             debug!(connection.log, "tls handshake failed"; "peer" => %peer, "error" => %err);
                         }
                         Err(_) => {
-                            connection.metrics.tls_handshake_errors.inc();
+                            connection.shared.metrics.tls_handshake_errors.inc();
                             debug!(connection.log, "tls handshake timed out"; "peer" => %peer);
                         }
                     }
@@ -163,12 +174,11 @@ pub async fn serve<S, B>(
 
 /// One accepted connection, before its protocol is known.
 struct Connection<S> {
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    shared: Arc<Connections>,
     service: S,
     streams: Option<Arc<State>>,
     watcher: Watcher,
     peer: SocketAddr,
-    metrics: Arc<ConnectionMetrics>,
     log: Logger,
 }
 
@@ -195,7 +205,8 @@ impl<S> Connection<S> {
             batch_writes: false,
             deferred: 0,
             deferred_len: 0,
-            metrics: self.metrics,
+            stalled: None,
+            shared: self.shared.clone(),
         };
         if let Some(state) = &self.streams {
             match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
@@ -208,6 +219,7 @@ impl<S> Connection<S> {
             peer: PeerAddr(self.peer),
         };
         let connection = self
+            .shared
             .builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
@@ -263,7 +275,10 @@ struct Counted<I> {
     /// Turns the pending write has waited, and its size when it last waited.
     deferred: u8,
     deferred_len: usize,
-    metrics: Arc<ConnectionMetrics>,
+    /// Fires `write_timeout` after a write found the client's window full, unless a write
+    /// completes first. Allocated only while a write waits.
+    stalled: Option<Pin<Box<Sleep>>>,
+    shared: Arc<Connections>,
 }
 
 impl<I> Counted<I> {
@@ -282,7 +297,7 @@ impl<I> Counted<I> {
     }
 
     fn count(&mut self, protocol: impl Fn(&ConnectionMetrics) -> &ProtocolCounters) {
-        let counters = protocol(&self.metrics);
+        let counters = protocol(&self.shared.metrics);
         counters.accepted.inc();
         counters.open.inc();
         self.open = Some(counters.open.clone());
@@ -293,6 +308,33 @@ impl<I> Counted<I> {
     /// itself is not run next). It waits while the write grows from turn to turn, up to a
     /// size or a number of turns; on an idle system that is one turn.
     /// Only called for HTTP/2 connections.
+    /// Passes on a write's result, or fails the write once it has waited `write_timeout` for
+    /// a client that reads nothing: such a client would otherwise hold its socket, and its
+    /// stream's place under `max_streams`, for as long as it likes, because a stream that
+    /// cannot write never reaches its planned end.
+    fn guard_stall<T>(
+        &mut self,
+        result: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.stalled = None;
+            return result;
+        }
+        let timeout = self.shared.write_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.shared.metrics.write_timeouts.inc();
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client read nothing for {timeout:?}"),
+        )))
+    }
+
     fn defer(&mut self, len: usize, cx: &mut Context<'_>) -> bool {
         let growing = self.deferred == 0 || len > self.deferred_len;
         if growing && len < HTTP2_BATCH_BYTES && self.deferred < HTTP2_BATCH_TURNS {
@@ -352,7 +394,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         if this.batch_writes && this.defer(buf.len(), cx) {
             return Poll::Pending;
         }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.guard_stall(result, cx)
     }
 
     fn poll_write_vectored(
@@ -364,7 +407,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         if this.batch_writes && this.defer(bufs.iter().map(|buf| buf.len()).sum(), cx) {
             return Poll::Pending;
         }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.guard_stall(result, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -372,7 +416,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_flush(cx);
+        this.guard_stall(result, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

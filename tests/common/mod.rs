@@ -2,6 +2,7 @@
 //! listener, and a raw HTTP/1.1 SSE client that shows each chunk exactly as written.
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod daemon;
 pub mod http;
 
 use std::net::SocketAddr;
@@ -349,18 +350,30 @@ impl SseClient {
         path: &str,
         extra_headers: &[(&str, &str)],
     ) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
+        timeout(Self::try_request(addr, method, path, extra_headers))
+            .await
+            .unwrap_or_else(|err| panic!("{method} {path}: {err}"))
+    }
+
+    /// A request whose failure is the caller's to handle: a refused connection, or one closed
+    /// before the response head.
+    pub async fn try_request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        extra_headers: &[(&str, &str)],
+    ) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
         let mut client = Self {
             reader: BufReader::new(stream),
             status: 0,
             headers: Vec::new(),
             chunked: false,
         };
-        client
-            .send(&request_head(addr, method, path, extra_headers))
-            .await;
-        client.read_response_head().await;
-        client
+        let head = request_head(addr, method, path, extra_headers);
+        client.reader.get_mut().write_all(&head).await?;
+        client.try_read_response_head().await?;
+        Ok(client)
     }
 
     /// Writes raw bytes on the connection: the next request, or several pipelined.
@@ -370,10 +383,14 @@ impl SseClient {
 
     /// Reads the status line and headers of the next response on the connection.
     pub async fn read_response_head(&mut self) {
+        timeout(self.try_read_response_head()).await.unwrap();
+    }
+
+    async fn try_read_response_head(&mut self) -> std::io::Result<()> {
         let mut status_line = String::new();
-        timeout(self.reader.read_line(&mut status_line))
-            .await
-            .unwrap();
+        if self.reader.read_line(&mut status_line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         self.status = status_line
             .split_whitespace()
             .nth(1)
@@ -383,7 +400,9 @@ impl SseClient {
         self.headers.clear();
         loop {
             let mut line = String::new();
-            timeout(self.reader.read_line(&mut line)).await.unwrap();
+            if self.reader.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
             let line = line.trim_end();
             if line.is_empty() {
                 break;
@@ -396,6 +415,7 @@ impl SseClient {
             .headers
             .iter()
             .any(|(name, value)| name == "transfer-encoding" && value == "chunked");
+        Ok(())
     }
 
     /// Whether the service closed the connection: nothing more arrives, within 10 s.
@@ -419,19 +439,30 @@ impl SseClient {
 
     /// The next chunk, or `None` if nothing arrives within `wait`.
     pub async fn next_chunk_within(&mut self, wait: Duration) -> Option<Chunk> {
+        match tokio::time::timeout(wait, self.read_chunk()).await {
+            Err(_) => None,
+            Ok(chunk) => Some(chunk.unwrap_or_else(|err| panic!("reading a chunk: {err}"))),
+        }
+    }
+
+    /// The next chunk, however long it takes; an error if the connection closes or breaks
+    /// first.
+    pub async fn read_chunk(&mut self) -> std::io::Result<Chunk> {
         assert!(self.chunked, "body is not chunked");
         let mut size_line = String::new();
-        match tokio::time::timeout(wait, self.reader.read_line(&mut size_line)).await {
-            Err(_) => return None,
-            Ok(read) => assert!(read.unwrap() > 0, "connection closed without a final chunk"),
+        if self.reader.read_line(&mut size_line).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed without a final chunk",
+            ));
         }
         let size = usize::from_str_radix(size_line.trim(), 16)
             .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
         let mut data = vec![0; size + 2];
-        timeout(self.reader.read_exact(&mut data)).await.unwrap();
+        self.reader.read_exact(&mut data).await?;
         assert_eq!(&data[size..], b"\r\n", "chunk not terminated by CRLF");
         data.truncate(size);
-        Some(if size == 0 {
+        Ok(if size == 0 {
             Chunk::End
         } else {
             Chunk::Data(data)

@@ -1,0 +1,578 @@
+//! The fault suite (README, "Reliability"): the real binary while NATS is killed, while a NATS
+//! cluster loses a node, while an instance is killed, under a reconnect herd, beside stuck
+//! readers, and over a soak of streams ending and reconnecting.
+//!
+//! Every scenario runs small in `cargo test`. `faults/run <scenario>` runs it at full size
+//! (`FLAGSMITH_SSE_FAULTS=full`, release build) and prints its figures as `FAULTS <scenario>
+//! {json}` lines. The assertions are the same at both sizes: no update that got a `200` is
+//! lost, no `2xx` for one that was not stored, and the service survives.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use common::{Chunk, NatsServer, SseClient, TOKEN, body_at, updated_at_of, wait_readiness};
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+fn full_size() -> bool {
+    std::env::var("FLAGSMITH_SSE_FAULTS").is_ok_and(|size| size == "full")
+}
+
+/// `small` under `cargo test`, `full` from `faults/run`.
+fn size<T>(small: T, full: T) -> T {
+    if full_size() { full } else { small }
+}
+
+/// One line of figures for `faults/run` to collect.
+fn report(scenario: &str, figures: serde_json::Value) {
+    println!("FAULTS {scenario} {figures}");
+}
+
+/// The service as its own process, configured by `envs` on top of the test token.
+async fn daemon(envs: &[(&str, String)]) -> (Daemon, SocketAddr) {
+    let mut all = vec![("SSE_AUTHENTICATION_TOKEN", TOKEN.to_owned())];
+    all.extend(envs.iter().cloned());
+    let mut daemon = Daemon::spawn(&all);
+    let addr = daemon.listen_addr();
+    wait_readiness(addr, true).await;
+    (daemon, addr)
+}
+
+fn stream_path(key: &str) -> String {
+    format!("/sse/environments/{key}/stream")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing and subscribing, with what happened when
+
+/// Publishes over a shared HTTP client, as Flagsmith's task processor does.
+#[derive(Clone)]
+struct Publisher {
+    client: reqwest::Client,
+}
+
+impl Publisher {
+    fn new() -> Self {
+        Self {
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// The status, or `None` when no answer came (a dead instance).
+    async fn publish(&self, addr: SocketAddr, key: &str, updated_at: f64) -> Option<u16> {
+        let response = self
+            .client
+            .post(format!("http://{addr}/sse/environments/{key}/queue-change"))
+            .header("authorization", format!("Token {TOKEN}"))
+            .body(body_at(updated_at))
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
+    }
+}
+
+/// One publish and its answer.
+#[derive(Debug, Clone)]
+struct Published {
+    key: String,
+    updated_at: f64,
+    status: Option<u16>,
+    sent: Instant,
+    answered: Instant,
+}
+
+/// Publishes to `keys` in turn through `addrs` in turn, with increasing timestamps, until
+/// `stop`; returns every publish.
+fn publish_until(
+    addrs: Vec<SocketAddr>,
+    keys: Vec<String>,
+    pause: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Published>> {
+    tokio::spawn(async move {
+        let publisher = Publisher::new();
+        let mut published = Vec::new();
+        let mut updated_at = 1_700_000_000.0;
+        for turn in 0.. {
+            if stop.is_cancelled() {
+                break;
+            }
+            let key = &keys[turn % keys.len()];
+            let addr = addrs[turn % addrs.len()];
+            updated_at += 0.5;
+            let sent = Instant::now();
+            let status = publisher.publish(addr, key, updated_at).await;
+            published.push(Published {
+                key: key.clone(),
+                updated_at,
+                status,
+                sent,
+                answered: Instant::now(),
+            });
+            tokio::time::sleep(pause).await;
+        }
+        published
+    })
+}
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Every event's `updated_at`, with when it arrived.
+    events: Vec<(f64, Instant)>,
+    /// Streams that opened with `200`.
+    streams: u64,
+    /// Each stream's first event and how long after the stream opened it came.
+    firsts: Vec<(f64, Instant, Duration)>,
+    /// Answers of `503`, each with a `Retry-After` in 1..=10 seconds.
+    refused: u64,
+    /// Connections refused or broken (an instance that is gone).
+    broken: u64,
+}
+
+/// A subscriber of `key` that reads everything, and reconnects whenever a stream ends or
+/// breaks, to the next of `addrs` in turn, until `stop`.
+struct Subscriber {
+    key: String,
+    seen: Arc<Mutex<Seen>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Subscriber {
+    fn spawn(key: &str, addrs: Vec<SocketAddr>, stop: CancellationToken) -> Self {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let path = stream_path(key);
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                for turn in 0.. {
+                    let addr = addrs[turn % addrs.len()];
+                    let connected = tokio::select! {
+                        () = stop.cancelled() => return,
+                        connected = SseClient::try_request(addr, "GET", &path, &[]) => connected,
+                    };
+                    let mut client = match connected {
+                        Ok(client) => client,
+                        Err(_) => {
+                            seen.lock().unwrap().broken += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    if client.status == 503 {
+                        let wait: u64 = client
+                            .header("retry-after")
+                            .and_then(|value| value.parse().ok())
+                            .expect("a 503 for a stream carries Retry-After");
+                        assert!((1..=10).contains(&wait), "Retry-After {wait}");
+                        seen.lock().unwrap().refused += 1;
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(wait)) => continue,
+                        }
+                    }
+                    assert_eq!(client.status, 200, "a stream is 200 or 503");
+                    let opened = Instant::now();
+                    seen.lock().unwrap().streams += 1;
+                    let mut first = true;
+                    loop {
+                        let chunk = tokio::select! {
+                            () = stop.cancelled() => return,
+                            chunk = client.read_chunk() => chunk,
+                        };
+                        match chunk {
+                            Ok(Chunk::Data(data)) if !data.starts_with(b":") => {
+                                let now = Instant::now();
+                                let value = updated_at_of(&data);
+                                let mut seen = seen.lock().unwrap();
+                                seen.events.push((value, now));
+                                if first {
+                                    seen.firsts.push((value, now, now - opened));
+                                    first = false;
+                                }
+                            }
+                            Ok(Chunk::Data(_)) => {}
+                            Ok(Chunk::End) => break,
+                            Err(_) => {
+                                seen.lock().unwrap().broken += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            key: key.to_owned(),
+            seen,
+            task: Some(task),
+        }
+    }
+
+    /// The newest `updated_at` seen so far.
+    fn newest(&self) -> Option<f64> {
+        let seen = self.seen.lock().unwrap();
+        seen.events.iter().map(|(value, _)| *value).reduce(f64::max)
+    }
+}
+
+/// Waits (up to 20 s) until every subscriber has seen the newest value published with a `200`
+/// for its environment.
+async fn wait_until_caught_up(subscribers: &[Subscriber], published: &[Published]) {
+    let newest = newest_acknowledged(published);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscribers.iter().any(|subscriber| {
+        newest
+            .get(&subscriber.key)
+            .is_some_and(|&newest| subscriber.newest().is_none_or(|seen| seen < newest))
+    }) {
+        if Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn newest_acknowledged(published: &[Published]) -> BTreeMap<String, f64> {
+    let mut newest = BTreeMap::new();
+    for publish in published.iter().filter(|p| p.status == Some(200)) {
+        let entry = newest
+            .entry(publish.key.clone())
+            .or_insert(publish.updated_at);
+        *entry = f64::max(*entry, publish.updated_at);
+    }
+    newest
+}
+
+/// How acknowledged updates reached subscribers.
+#[derive(Debug, Default)]
+struct Delivery {
+    /// Pairs of an acknowledged update and a subscriber of its environment.
+    expected: usize,
+    /// Pairs where the subscriber never saw that update or a newer one: lost.
+    lost: usize,
+    /// From each publish being sent to the subscriber seeing that update or a newer one, ms.
+    delays_ms: Vec<f64>,
+}
+
+/// Checks every acknowledged update against every subscriber of its environment. A subscriber
+/// may skip an update that a newer one replaced (SPEC: a slow client may skip intermediate
+/// values, never the newest), so an update counts as delivered once the subscriber has seen it
+/// or a newer one.
+fn delivery(published: &[Published], subscribers: &[Subscriber]) -> Delivery {
+    let mut delivery = Delivery::default();
+    for subscriber in subscribers {
+        let seen = subscriber.seen.lock().unwrap();
+        for publish in published
+            .iter()
+            .filter(|p| p.status == Some(200) && p.key == subscriber.key)
+        {
+            delivery.expected += 1;
+            match seen
+                .events
+                .iter()
+                .find(|(value, _)| *value >= publish.updated_at)
+            {
+                Some((_, at)) => delivery
+                    .delays_ms
+                    .push(at.saturating_duration_since(publish.sent).as_secs_f64() * 1e3),
+                None => delivery.lost += 1,
+            }
+        }
+    }
+    delivery
+}
+
+/// The `q` quantile of `values` (sorted here), or 0 for none.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
+fn statuses(published: &[Published]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for publish in published {
+        let status = publish
+            .status
+            .map_or("no answer".to_owned(), |status| status.to_string());
+        *counts.entry(status).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Stops the subscribers; a failed assertion in one of them fails the test here.
+async fn stop_subscribers(subscribers: &mut [Subscriber], stop: &CancellationToken) {
+    stop.cancel();
+    for subscriber in subscribers {
+        if let Some(task) = subscriber.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// Publishes `count` updates to `key`, one after another, from `first` upwards.
+async fn publish_series(addr: SocketAddr, key: &str, first: f64, count: usize) -> Vec<Published> {
+    let publisher = Publisher::new();
+    let mut published = Vec::new();
+    for step in 0..count {
+        let updated_at = first + step as f64 * 0.5;
+        let sent = Instant::now();
+        let status = publisher.publish(addr, key, updated_at).await;
+        assert_eq!(status, Some(200), "publish {step}");
+        published.push(Published {
+            key: key.to_owned(),
+            updated_at,
+            status,
+            sent,
+            answered: Instant::now(),
+        });
+    }
+    published
+}
+
+/// Waits (up to 10 s) until each subscriber has had `streams` streams opened.
+async fn wait_for_streams(subscribers: &[Subscriber], streams: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscribers
+        .iter()
+        .any(|subscriber| subscriber.seen.lock().unwrap().streams < streams)
+    {
+        assert!(Instant::now() < deadline, "subscribers did not connect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connection that asks for a stream and never reads. Its small receive buffer and segment
+/// size fill the connection after some 20 KB, where a client across a real network would take
+/// megabytes; what the service does then is the same.
+fn stuck_reader(addr: SocketAddr, key: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_tcp_mss(88).unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream = std::net::TcpStream::from(socket);
+    let head = common::request_head(addr, "GET", &stream_path(key), &[]);
+    stream.write_all(&head).unwrap();
+    stream
+}
+
+async fn metric(addr: SocketAddr, series: &str) -> f64 {
+    common::Scrape::of(addr).await.value(series)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stuck_readers_are_cut_off_and_hold_nobody_else_up() {
+    let write_timeout = size(2, 10);
+    let (daemon, addr) = daemon(&[
+        ("FLAGSMITH_SSE_WRITE_TIMEOUT", write_timeout.to_string()),
+        ("MAX_STREAM_AGE", "0".to_owned()),
+    ])
+    .await;
+    let stop = CancellationToken::new();
+    let mut subscribers: Vec<_> = (0..size(20, 200))
+        .map(|_| Subscriber::spawn("hot", vec![addr], stop.clone()))
+        .collect();
+    wait_for_streams(&subscribers, 1).await;
+
+    // Without stuck readers first, for comparison.
+    let alone = publish_series(addr, "hot", 1e9, size(200, 2000)).await;
+    wait_until_caught_up(&subscribers, &alone).await;
+    let rss_before = daemon.rss_kib();
+    let files_before = daemon.open_files();
+
+    let stuck: Vec<_> = (0..size(200, 1000))
+        .map(|_| stuck_reader(addr, "hot"))
+        .collect();
+    let open = (subscribers.len() + stuck.len()) as f64;
+    while metric(addr, "flagsmith_sse_subscribers").await < open {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Updates flow until every stuck reader's connection has filled up and then read nothing
+    // for write_timeout; how many updates that takes depends on the kernel's send buffers.
+    let mut beside_stuck = Vec::new();
+    let mut rss_peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(write_timeout + 60);
+    while metric(addr, "flagsmith_sse_write_timeouts_total").await < stuck.len() as f64 {
+        assert!(Instant::now() < deadline, "stuck readers were not cut off");
+        let first = 2e9 + beside_stuck.len() as f64 * 0.5;
+        beside_stuck.extend(publish_series(addr, "hot", first, 100).await);
+        rss_peak = rss_peak.max(daemon.rss_kib());
+    }
+    wait_until_caught_up(&subscribers, &beside_stuck).await;
+    assert_eq!(
+        metric(addr, "flagsmith_sse_subscribers").await,
+        subscribers.len() as f64
+    );
+    let files_after = daemon.open_files();
+    let rss_after = daemon.rss_kib();
+
+    let alone = delivery(&alone, &subscribers);
+    let beside_stuck_delivery = delivery(&beside_stuck, &subscribers);
+    stop_subscribers(&mut subscribers, &stop).await;
+    assert_eq!((alone.lost, beside_stuck_delivery.lost), (0, 0));
+    // Nothing of the stuck readers' is left open, and while they lasted they cost no more than
+    // an idle stream each: the service keeps no queue for a subscriber.
+    assert!(
+        files_after <= files_before,
+        "{files_after} > {files_before}"
+    );
+    let per_stuck_kib = rss_peak.saturating_sub(rss_before) as f64 / stuck.len() as f64;
+    assert!(per_stuck_kib < 16.0, "{per_stuck_kib} KiB per stuck reader");
+    report(
+        "stuck-readers",
+        json!({
+            "stuck_readers": stuck.len(),
+            "normal_subscribers": subscribers.len(),
+            "updates": {"alone": alone.expected / subscribers.len(), "beside_stuck": beside_stuck.len()},
+            "lost": alone.lost + beside_stuck_delivery.lost,
+            "delivery_ms_alone": {"p50": quantile(&alone.delays_ms, 0.5), "p99": quantile(&alone.delays_ms, 0.99)},
+            "delivery_ms_beside_stuck": {"p50": quantile(&beside_stuck_delivery.delays_ms, 0.5), "p99": quantile(&beside_stuck_delivery.delays_ms, 0.99)},
+            "rss_kib": {"before": rss_before, "peak_with_stuck": rss_peak, "after_cut_off": rss_after},
+            "open_files": {"before": files_before, "after_cut_off": files_after},
+            "write_timeout_s": write_timeout,
+        }),
+    );
+}
+
+fn environments(count: usize) -> Vec<String> {
+    (0..count).map(|index| format!("env-{index}")).collect()
+}
+
+/// `per_instance` subscribers on each of `addrs`, spread over `keys`; each reconnects to the
+/// next address when its stream ends or breaks.
+fn spread_subscribers(
+    addrs: &[SocketAddr],
+    keys: &[String],
+    per_instance: usize,
+    stop: &CancellationToken,
+) -> Vec<Subscriber> {
+    (0..per_instance * addrs.len())
+        .map(|index| {
+            let mut order = addrs.to_vec();
+            order.rotate_left(index % addrs.len());
+            Subscriber::spawn(&keys[index % keys.len()], order, stop.clone())
+        })
+        .collect()
+}
+
+/// One more publish per environment, through `addr`, newer than anything before: the value
+/// every subscriber must end with.
+async fn publish_newest(addr: SocketAddr, keys: &[String], published: &mut Vec<Published>) {
+    let newest = published
+        .iter()
+        .map(|publish| publish.updated_at)
+        .fold(1_800_000_000.0, f64::max);
+    for key in keys {
+        published.extend(publish_series(addr, key, newest + 1.0, 1).await);
+    }
+}
+
+fn in_window(published: &[Published], from: Instant, to: Instant) -> Vec<Published> {
+    published
+        .iter()
+        .filter(|publish| publish.sent >= from && publish.answered <= to)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_killed_under_traffic_loses_nothing_that_was_acknowledged() {
+    let mut nats = NatsServer::start();
+    let settings = [("NATS_URL", nats.url()), ("MAX_STREAM_AGE", "0".to_owned())];
+    let (a, a_addr) = daemon(&settings).await;
+    let (_b, b_addr) = daemon(&settings).await;
+    let keys = environments(size(5, 50));
+    let stop = CancellationToken::new();
+    let mut subscribers = spread_subscribers(&[a_addr, b_addr], &keys, size(20, 2000), &stop);
+    wait_for_streams(&subscribers, 1).await;
+    let publishing = CancellationToken::new();
+    let publisher = publish_until(
+        vec![a_addr, b_addr],
+        keys.clone(),
+        Duration::from_millis(5),
+        publishing.clone(),
+    );
+    tokio::time::sleep(size(Duration::from_secs(2), Duration::from_secs(10))).await;
+    let rss_before = a.rss_kib();
+
+    nats.stop();
+    let killed = Instant::now();
+    wait_readiness(a_addr, false).await;
+    wait_readiness(b_addr, false).await;
+    let outage = size(Duration::from_secs(3), Duration::from_secs(30));
+    tokio::time::sleep(outage.saturating_sub(killed.elapsed())).await;
+    let restarting = Instant::now();
+    nats.restart();
+    wait_readiness(a_addr, true).await;
+    wait_readiness(b_addr, true).await;
+    let recovered = Instant::now();
+    tokio::time::sleep(size(Duration::from_secs(2), Duration::from_secs(10))).await;
+    publishing.cancel();
+    let mut published = publisher.await.unwrap();
+    let after = Instant::now();
+    publish_newest(a_addr, &keys, &mut published).await;
+    wait_until_caught_up(&subscribers, &published).await;
+    let rss_after = a.rss_kib();
+
+    let delivery = delivery(&published, &subscribers);
+    stop_subscribers(&mut subscribers, &stop).await;
+    let during = in_window(&published, killed, restarting);
+    let since_ready = in_window(&published, recovered, after);
+    // Never a 2xx for an update NATS could not store; all stored again once it is back.
+    assert!(!during.is_empty());
+    assert!(during.iter().all(|publish| publish.status == Some(503)));
+    assert!(
+        since_ready
+            .iter()
+            .all(|publish| publish.status == Some(200))
+    );
+    assert!(
+        published
+            .iter()
+            .all(|publish| matches!(publish.status, Some(200 | 503))),
+        "{:?}",
+        statuses(&published)
+    );
+    assert_eq!(delivery.lost, 0, "acknowledged updates lost");
+    // The subscribers stayed connected throughout.
+    for subscriber in &subscribers {
+        let seen = subscriber.seen.lock().unwrap();
+        assert_eq!((seen.streams, seen.broken), (1, 0));
+    }
+    // What the outage allocated was given back.
+    let grown_kib = rss_after.saturating_sub(rss_before);
+    assert!(grown_kib < 4096, "RSS grew by {grown_kib} KiB");
+    report(
+        "nats-outage",
+        json!({
+            "subscribers": subscribers.len(),
+            "environments": keys.len(),
+            "outage_s": restarting.duration_since(killed).as_secs_f64(),
+            "ready_again_after_restart_s": recovered.duration_since(restarting).as_secs_f64(),
+            "publishes": statuses(&published),
+            "publishes_during_outage": statuses(&during),
+            "acknowledged_deliveries": delivery.expected,
+            "lost": delivery.lost,
+            "delivery_ms": {"p50": quantile(&delivery.delays_ms, 0.5), "p99": quantile(&delivery.delays_ms, 0.99), "max": quantile(&delivery.delays_ms, 1.0)},
+            "rss_kib": {"before": rss_before, "after": rss_after},
+        }),
+    );
+}
