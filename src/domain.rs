@@ -322,11 +322,20 @@ mod properties {
 
     use super::*;
 
+    /// 2000 cases from seed 6, unless `FLAGSMITH_SSE_FUZZ_CASES` and `FLAGSMITH_SSE_FUZZ_SEED`
+    /// say otherwise, as `faults/run fuzz` does for a long run.
     fn config() -> Config {
+        let from_env = |name: &str| {
+            std::env::var(name).ok().map(|value| {
+                value
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| panic!("{name}={value} is not a number"))
+            })
+        };
         Config {
-            cases: 2000,
+            cases: from_env("FLAGSMITH_SSE_FUZZ_CASES").map_or(2000, |cases| cases as u32),
             failure_persistence: None,
-            rng_seed: RngSeed::Fixed(6),
+            rng_seed: RngSeed::Fixed(from_env("FLAGSMITH_SSE_FUZZ_SEED").unwrap_or(6)),
             ..Config::default()
         }
     }

@@ -193,7 +193,8 @@ impl Subscriber {
                             chunk = client.read_chunk() => chunk,
                         };
                         match chunk {
-                            Ok(Chunk::Data(data)) if !data.starts_with(b":") => {
+                            // Not a keep-alive, nor the `retry:` before a planned end.
+                            Ok(Chunk::Data(data)) if data.starts_with(b"event: ") => {
                                 let now = Instant::now();
                                 let value = updated_at_of(&data);
                                 let mut seen = seen.lock().unwrap();
@@ -242,6 +243,24 @@ async fn wait_until_caught_up(subscribers: &[Subscriber], published: &[Published
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every stream of `subscriber` began with the newest value acknowledged before its request
+/// (or a newer one).
+fn assert_firsts_are_newest(subscriber: &Subscriber, published: &[Published]) {
+    let seen = subscriber.seen.lock().unwrap();
+    for &(value, at, delay) in &seen.firsts {
+        let requested = at - delay;
+        let newest_before = published
+            .iter()
+            .filter(|p| p.key == subscriber.key && p.status == Some(200) && p.answered < requested)
+            .map(|p| p.updated_at)
+            .fold(0.0, f64::max);
+        assert!(
+            value >= newest_before,
+            "first event {value} < {newest_before}"
+        );
     }
 }
 
@@ -809,14 +828,9 @@ async fn subscribers_of_a_killed_instance_get_the_newest_value_at_once_elsewhere
     for subscriber in &moved {
         let seen = subscriber.seen.lock().unwrap();
         assert_eq!(seen.streams, 2, "one reconnection");
-        let (value, at, delay) = *seen.firsts.last().unwrap();
-        let requested = at - delay;
-        let newest_before = published
-            .iter()
-            .filter(|p| p.key == subscriber.key && p.status == Some(200) && p.answered < requested)
-            .map(|p| p.updated_at)
-            .fold(0.0, f64::max);
-        assert!(value >= newest_before, "{value} < {newest_before}");
+        let (_, at, delay) = *seen.firsts.last().unwrap();
+        drop(seen);
+        assert_firsts_are_newest(subscriber, &published);
         first_event_ms.push(delay.as_secs_f64() * 1e3);
         kill_to_newest_ms.push(at.duration_since(killed).as_secs_f64() * 1e3);
     }
@@ -831,6 +845,216 @@ async fn subscribers_of_a_killed_instance_get_the_newest_value_at_once_elsewhere
             "lost": delivery.lost,
             "first_event_after_reconnect_ms": {"p50": quantile(&first_event_ms, 0.5), "max": quantile(&first_event_ms, 1.0)},
             "kill_to_newest_value_ms": {"p50": quantile(&kill_to_newest_ms, 0.5), "max": quantile(&kill_to_newest_ms, 1.0)},
+        }),
+    );
+}
+
+/// What one client of a reconnect herd went through before it was served.
+#[derive(Debug, Default)]
+struct HerdClient {
+    /// From the herd's start to this client's first event.
+    served_after: Option<Duration>,
+    refused: u64,
+    /// Connections refused or broken before a response: an overflowing accept queue.
+    failed: u64,
+}
+
+/// Connects until a stream opens, honouring `Retry-After`; reads its first event, which must
+/// be `newest`, and then holds the stream until it ends.
+async fn herd_client(addr: SocketAddr, key: String, newest: f64, start: Instant) -> HerdClient {
+    let mut client = HerdClient::default();
+    let path = stream_path(&key);
+    loop {
+        let mut stream = match SseClient::try_request(addr, "GET", &path, &[]).await {
+            Ok(stream) => stream,
+            Err(_) => {
+                client.failed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if stream.status == 503 {
+            let wait: u64 = stream
+                .header("retry-after")
+                .and_then(|value| value.parse().ok())
+                .expect("a 503 for a stream carries Retry-After");
+            assert!((1..=10).contains(&wait), "Retry-After {wait}");
+            client.refused += 1;
+            drop(stream);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        assert_eq!(stream.status, 200);
+        let first = stream.next_event().await;
+        assert_eq!(updated_at_of(&first), newest);
+        client.served_after = Some(start.elapsed());
+        while let Ok(Chunk::Data(_)) = stream.read_chunk().await {}
+        return client;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_herd_is_shed_with_retry_after_and_served_in_bounded_time() {
+    // Each client is a socket in this process.
+    rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    let herd: usize = size(1000, 16_000);
+    let max_stream_age = size(2, 5);
+    let (mut daemon, addr) = daemon(&[
+        ("FLAGSMITH_SSE_MAX_STREAMS", (herd / 2).to_string()),
+        ("MAX_STREAM_AGE", max_stream_age.to_string()),
+    ])
+    .await;
+    let keys = environments(10);
+    let mut newest = BTreeMap::new();
+    for (index, key) in keys.iter().enumerate() {
+        let published = publish_series(addr, key, 1e9 + index as f64, 1).await;
+        newest.insert(key.clone(), published[0].updated_at);
+    }
+    let rss_before = daemon.rss_kib();
+
+    // Every client starts at the same moment, as after a load balancer drops them all.
+    let start = Instant::now();
+    let clients: Vec<_> = (0..herd)
+        .map(|index| {
+            let key = keys[index % keys.len()].clone();
+            tokio::spawn(herd_client(addr, key.clone(), newest[&key], start))
+        })
+        .collect();
+    let mut rss_peak = 0;
+    let mut peak_streams = 0.0_f64;
+    while !clients.iter().all(|client| client.is_finished()) {
+        rss_peak = rss_peak.max(daemon.rss_kib());
+        peak_streams = peak_streams.max(metric(addr, "flagsmith_sse_subscribers").await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut results = Vec::new();
+    for client in clients {
+        results.push(client.await.unwrap());
+    }
+    let served_s: Vec<f64> = results
+        .iter()
+        .map(|client| client.served_after.unwrap().as_secs_f64())
+        .collect();
+    let refused: u64 = results.iter().map(|client| client.refused).sum();
+    let failed: u64 = results.iter().map(|client| client.failed).sum();
+    let rejected = metric(
+        addr,
+        "flagsmith_sse_streams_closed_total{reason=\"rejected\"}",
+    )
+    .await;
+
+    assert!(daemon.is_running(), "the service died");
+    assert!(peak_streams <= (herd / 2) as f64, "{peak_streams} streams");
+    assert!(refused > 0, "the cap never shed anyone");
+    assert_eq!(rejected, refused as f64);
+    report(
+        "reconnect-herd",
+        json!({
+            "clients": herd,
+            "max_streams": herd / 2,
+            "max_stream_age_s": max_stream_age,
+            "all_served_s": quantile(&served_s, 1.0),
+            "served_s": {"p50": quantile(&served_s, 0.5), "p99": quantile(&served_s, 0.99)},
+            "answered_503": refused,
+            "connections_failed": failed,
+            "peak_streams": peak_streams,
+            "rss_kib": {"before": rss_before, "peak": rss_peak},
+        }),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_soak_of_streams_ending_and_reconnecting_keeps_memory_and_files_flat() {
+    let nats = NatsServer::start();
+    let max_stream_age = size(1, 5);
+    let (daemon, addr) = daemon(&[
+        ("NATS_URL", nats.url()),
+        ("MAX_STREAM_AGE", max_stream_age.to_string()),
+    ])
+    .await;
+    let files_idle = daemon.open_files();
+    let keys = environments(size(5, 50));
+    let stop = CancellationToken::new();
+    let mut subscribers = spread_subscribers(&[addr], &keys, size(50, 2000), &stop);
+    let publishing = CancellationToken::new();
+    let publisher = publish_until(
+        vec![addr],
+        keys.clone(),
+        Duration::from_millis(20),
+        publishing.clone(),
+    );
+    let duration = size(Duration::from_secs(12), Duration::from_secs(30 * 60));
+    let sample_every = size(Duration::from_secs(1), Duration::from_secs(30));
+    // The first samples include the allocator and the kernel settling in.
+    let warm_up = duration / 4;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < duration {
+        tokio::time::sleep(sample_every).await;
+        samples.push((
+            start.elapsed().as_secs(),
+            daemon.rss_kib(),
+            daemon.open_files(),
+        ));
+    }
+    publishing.cancel();
+    let mut published = publisher.await.unwrap();
+    publish_newest(addr, &keys, &mut published).await;
+    wait_until_caught_up(&subscribers, &published).await;
+    let delivery = delivery(&published, &subscribers);
+    stop_subscribers(&mut subscribers, &stop).await;
+    let streams: u64 = subscribers
+        .iter()
+        .map(|subscriber| subscriber.seen.lock().unwrap().streams)
+        .sum();
+    // The service notices the subscribers leaving.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.open_files() > files_idle && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let files_end = daemon.open_files();
+
+    assert_eq!(delivery.lost, 0, "acknowledged updates lost");
+    for subscriber in &subscribers {
+        assert_firsts_are_newest(subscriber, &published);
+    }
+    assert!(
+        published.iter().all(|publish| publish.status == Some(200)),
+        "{:?}",
+        statuses(&published)
+    );
+    let after_warm_up: Vec<_> = samples
+        .iter()
+        .filter(|(at, _, _)| Duration::from_secs(*at) >= warm_up)
+        .collect();
+    let rss_first = after_warm_up.first().unwrap().1;
+    let rss_last = after_warm_up.last().unwrap().1;
+    let rss_max = after_warm_up.iter().map(|sample| sample.1).max().unwrap();
+    // Flat: the end is within 10 % (and 2 MiB) of where it was after the warm-up.
+    assert!(
+        rss_last <= rss_first + (rss_first / 10).max(2048),
+        "RSS grew from {rss_first} to {rss_last} KiB: {samples:?}"
+    );
+    // Every socket of the run was closed: back to the idle count (which may have included
+    // the readiness probe's connection).
+    assert!(
+        files_end <= files_idle,
+        "open files {files_end} > {files_idle}: {samples:?}"
+    );
+    report(
+        "soak",
+        json!({
+            "duration_s": duration.as_secs(),
+            "subscribers": subscribers.len(),
+            "max_stream_age_s": max_stream_age,
+            "streams_opened": streams,
+            "publishes": statuses(&published),
+            "acknowledged_deliveries": delivery.expected,
+            "lost": delivery.lost,
+            "delivery_ms": {"p50": quantile(&delivery.delays_ms, 0.5), "p99": quantile(&delivery.delays_ms, 0.99)},
+            "rss_kib": {"after_warm_up": rss_first, "max": rss_max, "end": rss_last},
+            "open_files": {"idle": files_idle, "min": after_warm_up.iter().map(|s| s.2).min(), "max": after_warm_up.iter().map(|s| s.2).max(), "after_subscribers_left": files_end},
+            "samples_s_rss_kib_files": samples,
         }),
     );
 }

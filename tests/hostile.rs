@@ -24,6 +24,27 @@ fn count_panics() {
     }));
 }
 
+/// A fixed-seed property run: `cases` and `seed` unless `FLAGSMITH_SSE_FUZZ_CASES` and
+/// `FLAGSMITH_SSE_FUZZ_SEED` say otherwise, as `faults/run fuzz` does for a long run.
+fn fuzz_config(cases: u32, seed: u64) -> proptest::test_runner::Config {
+    fn from_env<T: std::str::FromStr>(name: &str) -> Option<T> {
+        let value = std::env::var(name).ok()?;
+        Some(
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={value} is not a number")),
+        )
+    }
+    proptest::test_runner::Config {
+        cases: from_env("FLAGSMITH_SSE_FUZZ_CASES").unwrap_or(cases),
+        failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(
+            from_env("FLAGSMITH_SSE_FUZZ_SEED").unwrap_or(seed),
+        ),
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 /// What the service answered to `request`: the status of its first response, or `None` when it
 /// closed the connection without one. Fails if it neither answers nor closes within 15 s.
 async fn answer(service: &Service, request: &[u8]) -> Option<u16> {
@@ -187,7 +208,7 @@ async fn slow_loris_heads_are_cut_off_after_ten_seconds() {
 #[test]
 fn generated_publish_bodies_get_200_400_or_413() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, RngSeed, TestRunner};
+    use proptest::test_runner::TestRunner;
 
     count_panics();
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -208,12 +229,7 @@ fn generated_publish_bodies_get_200_400_or_413() {
             .to_string()
             .into_bytes()),
     ];
-    let mut runner = TestRunner::new(Config {
-        cases: 400,
-        failure_persistence: None,
-        rng_seed: RngSeed::Fixed(7),
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(fuzz_config(400, 7));
     let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
     runner
         .run(&body, |body| {
@@ -244,6 +260,117 @@ fn generated_publish_bodies_get_200_400_or_413() {
     );
     runtime.block_on(async {
         assert_eq!(service.readyz().await, 200);
+    });
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
+}
+
+/// The first flight of a real TLS client (rustls) for `localhost`: a ClientHello offering h2
+/// and http/1.1.
+fn client_hello() -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
+}
+
+#[test]
+fn broken_tls_handshakes_are_closed_and_harm_no_one() {
+    use common::http::{Connection, TestCertificate, tls_connect};
+    use proptest::prelude::*;
+    use proptest::test_runner::TestRunner;
+
+    count_panics();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = TestCertificate::generate(dir.path(), "server");
+    let config = flagsmith_sse::Config {
+        tls: Some(certificate.files.clone()),
+        ..test_config()
+    };
+    // Publishes and metrics on a plaintext listener beside the TLS one.
+    let service = runtime.block_on(Service::start_with_publish_listener(config));
+    let publish_addr = service.publish_addr.unwrap();
+    let connector = certificate.connector(&["h2", "http/1.1"]);
+    let mut bystander = runtime.block_on(async {
+        let stream = tls_connect(service.addr, &connector).await;
+        Connection::tls(stream).await.subscribe("env").await
+    });
+
+    let hello = client_hello();
+    let broken = prop_oneof![
+        // Cut short anywhere.
+        (0..hello.len()).prop_map({
+            let hello = hello.clone();
+            move |length| hello[..length].to_vec()
+        }),
+        // A few bytes changed: lengths, versions, extensions, whatever they land on.
+        proptest::collection::vec((0..hello.len(), any::<u8>()), 1..8).prop_map({
+            let hello = hello.clone();
+            move |changes| {
+                let mut bytes = hello.clone();
+                for (at, byte) in changes {
+                    bytes[at] = byte;
+                }
+                bytes
+            }
+        }),
+        // A whole hello followed by garbage records.
+        proptest::collection::vec(any::<u8>(), 1..600).prop_map({
+            let hello = hello.clone();
+            move |garbage| [hello.clone(), garbage].concat()
+        }),
+        // No TLS at all.
+        proptest::collection::vec(any::<u8>(), 0..3000),
+    ];
+    let mut runner = TestRunner::new(fuzz_config(300, 8));
+    let cases = std::cell::Cell::new(0_u32);
+    runner
+        .run(&broken, |bytes| {
+            cases.set(cases.get() + 1);
+            // Each is sent, then the client stops sending: the service must give up on the
+            // handshake and close, not wait.
+            let closed = runtime.block_on(async {
+                let mut socket = TcpStream::connect(service.addr).await.unwrap();
+                let _ = socket.write_all(&bytes).await;
+                let _ = socket.shutdown().await;
+                let mut received = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut received))
+                    .await
+                    .is_ok()
+            });
+            prop_assert!(
+                closed,
+                "the service kept a broken handshake open: {bytes:02x?}"
+            );
+            Ok(())
+        })
+        .unwrap();
+
+    runtime.block_on(async {
+        // Every one of them failed its handshake, and was counted.
+        common::scrape_until(publish_addr, "every broken handshake counted", |scrape| {
+            scrape.value("flagsmith_sse_tls_handshake_errors_total") == f64::from(cases.get())
+        })
+        .await;
+        // The subscriber connected throughout still gets its update, and a new client gets in.
+        assert_eq!(
+            common::publish(publish_addr, "env", &body_at(1.5), Some(common::TOKEN))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(bystander.next_event().await, event("1.5"));
+        let stream = tls_connect(service.addr, &connector).await;
+        let (status, _) = Connection::tls(stream).await.get("/livez").await;
+        assert_eq!(status, 200);
     });
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
 }
