@@ -33,6 +33,13 @@ pub const SUBJECT_PREFIX: &str = "flagsmith.environment.";
 const SUBJECTS: &str = "flagsmith.environment.>";
 /// Retries of the same update within this window are stored once.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long each pull of the ordered consumer waits for messages; the server sends an idle
+/// heartbeat every half of it. An ordered consumer lives on one NATS node, and when that node
+/// dies the client recreates it after two missed heartbeats. With async-nats's defaults (30 s
+/// pulls, 15 s heartbeats) an instance whose consumer died with a cluster node heard nothing
+/// for over half a minute while it reported ready; with these it is 2 to 4 s. It costs an idle
+/// instance one pull request every 2 s and a heartbeat every second.
+const CONSUMER_PULL_EXPIRES: Duration = Duration::from_secs(2);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -334,6 +341,7 @@ impl Follower {
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: SUBJECTS.to_owned(),
                 deliver_policy,
+                max_expires: CONSUMER_PULL_EXPIRES,
                 ..Default::default()
             })
             .await
