@@ -9,15 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SseClient, body_at, event, publish, wait_readiness};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{SseClient, body_at, event, free_port, publish, wait_readiness};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_serves_what_it_prints_and_cleans_up() {

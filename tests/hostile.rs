@@ -293,6 +293,8 @@ fn broken_tls_handshakes_are_closed_and_harm_no_one() {
     let certificate = TestCertificate::generate(dir.path(), "server");
     let config = flagsmith_sse::Config {
         tls: Some(certificate.files.clone()),
+        // The subscriber below stays for the whole run, however many cases it has.
+        max_stream_age: common::seconds(0.0),
         ..test_config()
     };
     // Publishes and metrics on a plaintext listener beside the TLS one.

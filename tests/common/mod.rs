@@ -182,6 +182,15 @@ fn wait_for_ports_file(dir: &Path) -> u16 {
     }
 }
 
+/// A free loopback port: bound and released, for a process that takes it right after.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn wait_for_tcp(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
