@@ -57,7 +57,6 @@ fn stream_path(key: &str) -> String {
 // Publishing and subscribing, with what happened when
 
 /// Publishes over a shared HTTP client, as Flagsmith's task processor does.
-#[derive(Clone)]
 struct Publisher {
     client: reqwest::Client,
 }
@@ -72,17 +71,27 @@ impl Publisher {
         }
     }
 
-    /// The status, or `None` when no answer came (a dead instance).
-    async fn publish(&self, addr: SocketAddr, key: &str, updated_at: f64) -> Option<u16> {
-        let response = self
+    /// Publishes `updated_at` to `key` through `addr`; the status is `None` when no answer
+    /// came (a dead instance).
+    async fn publish(&self, addr: SocketAddr, key: &str, updated_at: f64) -> Published {
+        let sent = Instant::now();
+        let status = self
             .client
             .post(format!("http://{addr}/sse/environments/{key}/queue-change"))
             .header("authorization", format!("Token {TOKEN}"))
             .body(body_at(updated_at))
             .send()
             .await
-            .ok()?;
-        Some(response.status().as_u16())
+            .ok()
+            .map(|response| response.status().as_u16());
+        Published {
+            addr,
+            key: key.to_owned(),
+            updated_at,
+            status,
+            sent,
+            answered: Instant::now(),
+        }
     }
 }
 
@@ -116,16 +125,7 @@ fn publish_until(
             let key = &keys[turn % keys.len()];
             let addr = addrs[turn % addrs.len()];
             updated_at += 0.5;
-            let sent = Instant::now();
-            let status = publisher.publish(addr, key, updated_at).await;
-            published.push(Published {
-                addr,
-                key: key.clone(),
-                updated_at,
-                status,
-                sent,
-                answered: Instant::now(),
-            });
+            published.push(publisher.publish(addr, key, updated_at).await);
             tokio::time::sleep(pause).await;
         }
         published
@@ -168,8 +168,6 @@ struct Seen {
     streams: u64,
     /// Each stream's first event, and how long after its request began it came.
     firsts: Vec<(f64, Instant, Duration)>,
-    /// Answers of `503`, each with a `Retry-After` in 1..=10 seconds.
-    refused: u64,
     /// Connections refused or broken (an instance that is gone).
     broken: u64,
 }
@@ -204,7 +202,6 @@ impl Subscriber {
                             continue;
                         }
                         Opened::Refused(wait) => {
-                            seen.lock().unwrap().refused += 1;
                             tokio::select! {
                                 () = stop.cancelled() => return,
                                 () = tokio::time::sleep(wait) => continue,
@@ -434,18 +431,11 @@ async fn publish_series(addr: SocketAddr, key: &str, first: f64, count: usize) -
     let publisher = Publisher::new();
     let mut published = Vec::new();
     for step in 0..count {
-        let updated_at = first + step as f64 * 0.5;
-        let sent = Instant::now();
-        let status = publisher.publish(addr, key, updated_at).await;
-        assert_eq!(status, Some(200), "publish {step}");
-        published.push(Published {
-            addr,
-            key: key.to_owned(),
-            updated_at,
-            status,
-            sent,
-            answered: Instant::now(),
-        });
+        let publish = publisher
+            .publish(addr, key, first + step as f64 * 0.5)
+            .await;
+        assert_eq!(publish.status, Some(200), "publish {step}");
+        published.push(publish);
     }
     published
 }

@@ -303,11 +303,6 @@ impl<I> Counted<I> {
         self.open = Some(counters.open.clone());
     }
 
-    /// Whether a write of `len` bytes should first yield to the tasks queued behind this one
-    /// (after waking this task, which tokio then queues behind the others: a task that wakes
-    /// itself is not run next). It waits while the write grows from turn to turn, up to a
-    /// size or a number of turns; on an idle system that is one turn.
-    /// Only called for HTTP/2 connections.
     /// Passes on a write's result, or fails the write once it has waited `write_timeout` for
     /// a client that reads nothing: such a client would otherwise hold its socket, and its
     /// stream's place under `max_streams`, for as long as it likes, because a stream that
@@ -335,6 +330,11 @@ impl<I> Counted<I> {
         )))
     }
 
+    /// Whether a write of `len` bytes should first yield to the tasks queued behind this one
+    /// (after waking this task, which tokio then queues behind the others: a task that wakes
+    /// itself is not run next). It waits while the write grows from turn to turn, up to a
+    /// size or a number of turns; on an idle system that is one turn.
+    /// Only called for HTTP/2 connections.
     fn defer(&mut self, len: usize, cx: &mut Context<'_>) -> bool {
         let growing = self.deferred == 0 || len > self.deferred_len;
         if growing && len < HTTP2_BATCH_BYTES && self.deferred < HTTP2_BATCH_TURNS {
