@@ -4,8 +4,12 @@
 //! 2. TOML files (`--config`, or `/etc/flagsmith-sse/config.toml` when it exists);
 //! 3. `FLAGSMITH_SSE_*` environment variables, nested keys joined by `__`
 //!    (`FLAGSMITH_SSE_NATS__URL`);
-//! 4. the variable names of the `flagsmith/sse` image this service replaces (`NATS_URL`,
-//!    `LISTEN_ADDR`, `SSE_AUTHENTICATION_TOKEN`, `MAX_STREAM_AGE`, `STREAM_DELAY`).
+//! 4. the variable names of the `flagsmith/sse` images this service replaces (`NATS_URL`,
+//!    `LISTEN_ADDR`, `SSE_AUTHENTICATION_TOKEN`, `MAX_STREAM_AGE`, `STREAM_DELAY`, and the
+//!    `REDIS_*` and cache variables of the Redis-based 3.x and 4.0).
+//!
+//! `REDIS_HOST` also brings the Redis-based image's port, 8000, as a default that every layer
+//! above the built-in defaults overrides.
 //!
 //! Unknown keys and bad values stop start-up with a message naming the key and where it came
 //! from; [`Config::validate`] adds the checks serde cannot express.
@@ -24,6 +28,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/flagsmith-sse/config.toml";
 /// Prefix of this service's own environment variables.
 pub const ENV_PREFIX: &str = "FLAGSMITH_SSE_";
+/// Where the Redis-based `flagsmith/sse` image listened.
+pub const LEGACY_REDIS_LISTEN: &str = "0.0.0.0:8000";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -47,8 +53,8 @@ pub struct Config {
     /// File holding the token (a trailing newline is ignored); re-read on SIGHUP, so tokens
     /// rotate without a restart. Works with systemd credentials (`$CREDENTIALS_DIRECTORY`).
     pub authentication_token_file: Option<PathBuf>,
-    /// Where updates are stored and shared: `memory` (one instance, the default) or `nats`.
-    /// Setting `NATS_URL` selects `nats`.
+    /// Where updates are stored and shared: `memory` (one instance, the default), `nats` or
+    /// `redis`. Setting `NATS_URL` selects `nats`; setting `REDIS_HOST` selects `redis`.
     pub backend: BackendKind,
     /// Seconds after which a stream ends cleanly so the client reconnects. Default 30; `0`
     /// keeps streams open forever. Legacy variable: `MAX_STREAM_AGE` (negative = endless).
@@ -72,6 +78,7 @@ pub struct Config {
     pub publish_timeout: Seconds,
     pub http2: Http2Config,
     pub nats: NatsConfig,
+    pub redis: RedisConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
 }
@@ -98,6 +105,7 @@ impl Default for Config {
             publish_timeout: Seconds(1.5),
             http2: Http2Config::default(),
             nats: NatsConfig::default(),
+            redis: RedisConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
         }
@@ -143,6 +151,7 @@ impl Default for Http2Config {
 pub enum BackendKind {
     Memory,
     Nats,
+    Redis,
 }
 
 impl BackendKind {
@@ -151,6 +160,7 @@ impl BackendKind {
         match self {
             BackendKind::Memory => "memory",
             BackendKind::Nats => "nats",
+            BackendKind::Redis => "redis",
         }
     }
 }
@@ -189,6 +199,64 @@ impl Default for NatsConfig {
 pub enum NatsStorage {
     File,
     Memory,
+}
+
+/// A Redis or Valkey server, or a cluster, shared by every instance. The legacy variable of
+/// each key is the one the Redis-based `flagsmith/sse` 3.x and 4.0 read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Host name or address; with `cluster`, any node of the cluster (or its configuration
+    /// endpoint). Default `localhost`. Legacy variable: `REDIS_HOST`, which also selects the
+    /// `redis` backend.
+    pub host: String,
+    /// Default 6379. Legacy variable: `REDIS_PORT`.
+    pub port: u16,
+    /// ACL user. Default none (the `default` user). Legacy variable: `REDIS_USERNAME`.
+    pub username: Option<String>,
+    /// Prefer `password_file`. Legacy variable: `REDIS_PASSWORD`.
+    pub password: Option<Secret>,
+    /// File holding the password (a trailing newline is ignored). Works with systemd
+    /// credentials.
+    pub password_file: Option<PathBuf>,
+    /// Connect with TLS, verifying the server's certificate. Default false. Legacy variable:
+    /// `REDIS_USE_SSL`.
+    pub tls: bool,
+    /// PEM file of the certificate authorities to trust instead of the system's, for a
+    /// server with a private CA.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Connect to a Redis Cluster: updates go through sharded pub/sub. Default false. Legacy
+    /// variable: `USE_CLUSTER_MODE`.
+    pub cluster: bool,
+    /// Environments read per request when reloading every update. Default 500. Legacy
+    /// variable: `REDIS_SCAN_COUNT`.
+    pub scan_count: u32,
+    /// Seconds between full reloads of every update. Updates are pushed as they are stored,
+    /// and reloaded whenever the connection comes back; this periodic reload is a safety net.
+    /// Default 30. Legacy variable: `CACHE_UPDATE_INTERVAL_SECONDS` (the old polling
+    /// interval).
+    pub resync_interval: Seconds,
+    /// Prefix of the keys and channel, so that several deployments can share one Redis.
+    /// Default `flagsmith-sse`.
+    pub namespace: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            host: "localhost".to_owned(),
+            port: 6379,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: false,
+            tls_ca_file: None,
+            cluster: false,
+            scan_count: 500,
+            resync_interval: Seconds(30.0),
+            namespace: "flagsmith-sse".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -429,7 +497,8 @@ impl Config {
     }
 
     pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let mut figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(RedisImageDefaults);
         if files.is_empty() {
             if Path::new(DEFAULT_CONFIG_PATH).exists() {
                 figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_PATH));
@@ -442,14 +511,15 @@ impl Config {
                 figment = figment.merge(Toml::file_exact(file));
             }
         }
-        // Env parses values ("0123" becomes 123); the token must arrive exactly as written.
+        // Env parses values ("0123" becomes 123); secrets must arrive exactly as written.
         figment = figment
             .merge(
                 Env::prefixed(ENV_PREFIX)
                     .split("__")
-                    .ignore(&["authentication_token"]),
+                    .ignore(&["authentication_token", "redis.password"]),
             )
-            .merge(VerbatimVariable::AuthenticationToken);
+            .merge(VerbatimVariable::AuthenticationToken)
+            .merge(VerbatimVariable::OwnRedisPassword);
         for variable in VerbatimVariable::LEGACY {
             figment = figment.merge(variable);
         }
@@ -581,6 +651,60 @@ impl Config {
                 return Err(invalid("nats.replicas", "must be from 1 to 5"));
             }
         }
+        if self.backend == BackendKind::Redis {
+            self.validate_redis(figment)?;
+        }
+        Ok(())
+    }
+
+    fn validate_redis(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: &str| ConfigError::Invalid {
+            key,
+            source_name: origin(figment, key),
+            message: message.to_owned(),
+        };
+        let redis = &self.redis;
+        if redis.host.trim().is_empty() {
+            return Err(invalid("redis.host", "must not be empty"));
+        }
+        if redis.port == 0 {
+            return Err(invalid("redis.port", "must be from 1 to 65535"));
+        }
+        if redis.password.is_some() && redis.password_file.is_some() {
+            return Err(invalid(
+                "redis.password_file",
+                &format!(
+                    "set either it or redis.password (set by {}), not both",
+                    origin(figment, "redis.password")
+                ),
+            ));
+        }
+        if redis.tls_ca_file.is_some() && !redis.tls {
+            return Err(invalid(
+                "redis.tls_ca_file",
+                "is set but redis.tls is not; set redis.tls (REDIS_USE_SSL) to connect with TLS",
+            ));
+        }
+        if redis.scan_count == 0 {
+            return Err(invalid("redis.scan_count", "must be at least 1"));
+        }
+        if redis.resync_interval.is_zero() {
+            return Err(invalid(
+                "redis.resync_interval",
+                "must be more than 0 seconds",
+            ));
+        }
+        if redis.namespace.is_empty()
+            || redis
+                .namespace
+                .chars()
+                .any(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}'))
+        {
+            return Err(invalid(
+                "redis.namespace",
+                "must be printable ASCII without spaces, '{' or '}'",
+            ));
+        }
         Ok(())
     }
 
@@ -620,39 +744,62 @@ fn origin(figment: &Figment, key: &str) -> String {
 }
 
 /// An environment variable read verbatim into one key: the variables of the replaced
-/// `flagsmith/sse` image, and our own token variable. Each is its own provider so that
+/// `flagsmith/sse` images, and our own token variable. Each is its own provider so that
 /// errors name the exact variable.
 #[derive(Debug, Clone, Copy)]
 enum VerbatimVariable {
     AuthenticationToken,
+    OwnRedisPassword,
     NatsUrl,
     ListenAddr,
     LegacyAuthenticationToken,
     MaxStreamAge,
     StreamDelay,
     RedisHost,
+    RedisPort,
+    RedisUsername,
+    RedisPassword,
+    RedisUseSsl,
+    UseClusterMode,
+    RedisScanCount,
+    CacheUpdateIntervalSeconds,
 }
 
 impl VerbatimVariable {
-    /// The replaced image's variables; they override everything else.
-    const LEGACY: [VerbatimVariable; 6] = [
+    /// The replaced images' variables; they override everything else.
+    const LEGACY: [VerbatimVariable; 13] = [
         Self::NatsUrl,
         Self::ListenAddr,
         Self::LegacyAuthenticationToken,
         Self::MaxStreamAge,
         Self::StreamDelay,
         Self::RedisHost,
+        Self::RedisPort,
+        Self::RedisUsername,
+        Self::RedisPassword,
+        Self::RedisUseSsl,
+        Self::UseClusterMode,
+        Self::RedisScanCount,
+        Self::CacheUpdateIntervalSeconds,
     ];
 
     fn name(self) -> &'static str {
         match self {
             Self::AuthenticationToken => "FLAGSMITH_SSE_AUTHENTICATION_TOKEN",
+            Self::OwnRedisPassword => "FLAGSMITH_SSE_REDIS__PASSWORD",
             Self::NatsUrl => "NATS_URL",
             Self::ListenAddr => "LISTEN_ADDR",
             Self::LegacyAuthenticationToken => "SSE_AUTHENTICATION_TOKEN",
             Self::MaxStreamAge => "MAX_STREAM_AGE",
             Self::StreamDelay => "STREAM_DELAY",
             Self::RedisHost => "REDIS_HOST",
+            Self::RedisPort => "REDIS_PORT",
+            Self::RedisUsername => "REDIS_USERNAME",
+            Self::RedisPassword => "REDIS_PASSWORD",
+            Self::RedisUseSsl => "REDIS_USE_SSL",
+            Self::UseClusterMode => "USE_CLUSTER_MODE",
+            Self::RedisScanCount => "REDIS_SCAN_COUNT",
+            Self::CacheUpdateIntervalSeconds => "CACHE_UPDATE_INTERVAL_SECONDS",
         }
     }
 }
@@ -667,6 +814,11 @@ impl Provider for VerbatimVariable {
             return Ok(Map::new());
         };
         let mut dict = Dict::new();
+        let redis = |key: &str, value: Value| {
+            let mut redis = Dict::new();
+            redis.insert(key.into(), value);
+            ("redis".to_owned(), Value::from(redis))
+        };
         match self {
             Self::NatsUrl => {
                 // As in the replaced image, naming a NATS server is what selects NATS.
@@ -693,13 +845,72 @@ impl Provider for VerbatimVariable {
             // Pushing needs no polling delay; accepted so existing deployments start unchanged.
             Self::StreamDelay => {}
             Self::RedisHost => {
-                return Err(figment::Error::from(
-                    "REDIS_HOST is set, but this version has no Redis backend yet; \
-                     use NATS_URL, or unset REDIS_HOST for the in-process backend"
-                        .to_owned(),
-                ));
+                if std::env::var_os(Self::NatsUrl.name()).is_some() {
+                    return Err(figment::Error::from(
+                        "NATS_URL and REDIS_HOST are both set, and each selects its backend; \
+                         unset one of them"
+                            .to_owned(),
+                    ));
+                }
+                // As in the Redis-based image, naming a Redis server is what selects Redis.
+                dict.insert("backend".into(), Value::from("redis"));
+                dict.extend([redis("host", Value::from(value))]);
             }
+            Self::RedisUsername => dict.extend([redis("username", Value::from(value))]),
+            Self::RedisPassword | Self::OwnRedisPassword => {
+                dict.extend([redis("password", Value::from(value))]);
+            }
+            Self::RedisPort => dict.extend([redis("port", number(value))]),
+            Self::RedisScanCount => dict.extend([redis("scan_count", number(value))]),
+            Self::CacheUpdateIntervalSeconds => {
+                dict.extend([redis("resync_interval", number(value))]);
+            }
+            Self::RedisUseSsl => dict.extend([redis("tls", boolean(value))]),
+            Self::UseClusterMode => dict.extend([redis("cluster", boolean(value))]),
         }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// A number as the variable holds it; anything else stays text, which the type check reports
+/// with the variable's name.
+fn number(text: String) -> Value {
+    let trimmed = text.trim();
+    if let Ok(integer) = trimmed.parse::<u64>() {
+        Value::from(integer)
+    } else if let Ok(float) = trimmed.parse::<f64>() {
+        Value::from(float)
+    } else {
+        Value::from(text)
+    }
+}
+
+/// A boolean the way the Python images read theirs (`True`, `false`, `1`, ...); anything else
+/// stays text, which the type check reports with the variable's name.
+fn boolean(text: String) -> Value {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Value::from(true),
+        "false" | "0" | "no" | "off" | "" => Value::from(false),
+        _ => Value::from(text),
+    }
+}
+
+/// The Redis-based image listened on port 8000, and the Flagsmith API and SDKs of its
+/// deployments point there: when `REDIS_HOST` stands in for that image, 8000 is the default
+/// listen port. Merged just above the built-in defaults, so any configured `listen` wins.
+struct RedisImageDefaults;
+
+impl Provider for RedisImageDefaults {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("the Redis-based image's defaults (REDIS_HOST is set)")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        if std::env::var_os(VerbatimVariable::RedisHost.name()).is_none() {
+            return Ok(Map::new());
+        }
+        let mut dict = Dict::new();
+        dict.insert("listen".into(), Value::from(LEGACY_REDIS_LISTEN));
         Ok(Profile::Default.collect(dict))
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::auth::AuthError;
 use crate::backend::nats::NatsError;
+use crate::backend::redis::RedisError;
 use crate::config::ConfigError;
 use crate::tls::TlsError;
 
@@ -13,6 +14,8 @@ pub enum Error {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Nats(#[from] NatsError),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub publish: PublishMetrics,
     pub backend: BackendMetrics,
     pub nats: NatsMetrics,
+    pub redis: RedisMetrics,
     pub connections: ConnectionMetrics,
     pub writes: MessageCounters,
     pub errors: MessageCounters,
@@ -114,6 +115,19 @@ pub struct NatsMetrics {
     pub ack: IntCounter,
     pub sequence: IntGauge,
     pub pending: IntGauge,
+}
+
+/// `flagsmith_sse_redis_errors_total` by `operation`, and the reloads of every update.
+#[derive(Debug, Clone)]
+pub struct RedisMetrics {
+    pub connect: IntCounter,
+    pub subscribe: IntCounter,
+    pub publish: IntCounter,
+    pub probe: IntCounter,
+    pub resync: IntCounter,
+    pub read: IntCounter,
+    pub resyncs: IntCounter,
+    pub resync_environments: IntGauge,
 }
 
 /// Open and accepted connections, by the protocol their first bytes chose.
@@ -262,6 +276,33 @@ impl Metrics {
             ),
         };
 
+        let redis_errors = r.counter_vec(
+            "redis_errors_total",
+            "Redis failures by operation: connect (a command failed, or no cluster node \
+             answered), subscribe, publish (an update not stored), probe (this instance's \
+             probe did not come back through the channel), resync (a reload of every update \
+             failed), read (an unreadable message or stored update).",
+            "operation",
+        );
+        let operation = |name: &str| redis_errors.with_label_values(&[name]);
+        let redis = RedisMetrics {
+            connect: operation("connect"),
+            subscribe: operation("subscribe"),
+            publish: operation("publish"),
+            probe: operation("probe"),
+            resync: operation("resync"),
+            read: operation("read"),
+            resyncs: r.counter(
+                "redis_resyncs_total",
+                "Reloads of every stored update: on each (re)connection, and every \
+                 resync_interval.",
+            ),
+            resync_environments: r.gauge(
+                "redis_resync_environments",
+                "Environments with an update within the retention window at the last reload.",
+            ),
+        };
+
         let open = r.gauge_vec(
             "connections",
             "Open client connections by protocol: http1 or http2.",
@@ -311,6 +352,7 @@ impl Metrics {
             publish,
             backend: backend_metrics,
             nats,
+            redis,
             connections,
             writes: messages(&writes),
             errors: messages(&errors),

@@ -10,7 +10,7 @@ use figment::{Figment, Jail, Profile, Provider};
 use flagsmith_sse::Config;
 use flagsmith_sse::config::{
     BackendKind, ConfigError, Http2Config, ListenAddr, LogConfig, LogFormat, LogLevel, NatsConfig,
-    NatsStorage, Seconds, Secret, ShutdownConfig,
+    NatsStorage, RedisConfig, Seconds, Secret, ShutdownConfig,
 };
 
 const TOKEN: &str = "test-token";
@@ -122,6 +122,19 @@ fn defaults_are_the_documented_values() {
             storage: NatsStorage::File,
             replicas: 1,
             credentials_file: None,
+        },
+        redis: RedisConfig {
+            host: "localhost".to_owned(),
+            port: 6379,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: false,
+            tls_ca_file: None,
+            cluster: false,
+            scan_count: 500,
+            resync_interval: secs(30.0),
+            namespace: "flagsmith-sse".to_owned(),
         },
         shutdown: ShutdownConfig {
             drain_period: secs(10.0),
@@ -598,12 +611,192 @@ fn token_and_token_file_together_are_rejected() {
 }
 
 #[test]
-fn redis_host_is_refused_until_there_is_a_redis_backend() {
-    let message = error(
+fn redis_host_alone_selects_redis_on_the_redis_images_port() {
+    let config = load(
         &[("empty.toml", "")],
         &[TOKEN_ENV, ("REDIS_HOST", "redis.internal")],
+    )
+    .unwrap();
+    let mut expected = with_token();
+    expected.backend = BackendKind::Redis;
+    expected.redis.host = "redis.internal".to_owned();
+    expected.listen = addr("0.0.0.0:8000");
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn a_configured_listen_address_wins_over_the_redis_images_port() {
+    let env = [TOKEN_ENV, ("REDIS_HOST", "redis.internal")];
+    let toml = load(&[("a.toml", "listen = \"127.0.0.1:9000\"")], &env).unwrap();
+    assert_eq!(toml.listen, addr("127.0.0.1:9000"));
+    let legacy = load(&[], &[env[0], env[1], ("LISTEN_ADDR", ":8088")]).unwrap();
+    assert_eq!(legacy.listen, addr("0.0.0.0:8088"));
+    let own = load(
+        &[],
+        &[env[0], env[1], ("FLAGSMITH_SSE_LISTEN", "127.0.0.1:7000")],
+    )
+    .unwrap();
+    assert_eq!(own.listen, addr("127.0.0.1:7000"));
+    // Without REDIS_HOST, a TOML `backend = "redis"` keeps this service's own default port.
+    let toml_redis = load(&[("a.toml", "backend = \"redis\"")], &[TOKEN_ENV]).unwrap();
+    assert_eq!(toml_redis.listen, addr("0.0.0.0:8088"));
+}
+
+#[test]
+fn every_variable_of_the_redis_image_is_read() {
+    let config = load(
+        &[("a.toml", "[redis]\nport = 1\ncluster = false\n")],
+        &[
+            TOKEN_ENV,
+            ("REDIS_HOST", "redis.internal"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_USERNAME", "sse"),
+            ("REDIS_PASSWORD", "0123"),
+            ("REDIS_USE_SSL", "True"),
+            ("USE_CLUSTER_MODE", "true"),
+            ("REDIS_SCAN_COUNT", "100"),
+            ("CACHE_UPDATE_INTERVAL_SECONDS", "0.5"),
+            ("STREAM_DELAY", "1"),
+        ],
+    )
+    .unwrap();
+    let mut expected = with_token();
+    expected.backend = BackendKind::Redis;
+    expected.listen = addr("0.0.0.0:8000");
+    expected.redis = RedisConfig {
+        host: "redis.internal".to_owned(),
+        port: 6380,
+        username: Some("sse".to_owned()),
+        password: Some(Secret::new("0123".to_owned())),
+        tls: true,
+        cluster: true,
+        scan_count: 100,
+        resync_interval: secs(0.5),
+        ..RedisConfig::default()
+    };
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn redis_booleans_read_the_way_python_wrote_them() {
+    for (text, expected) in [
+        ("False", false),
+        ("0", false),
+        ("TRUE", true),
+        ("yes", true),
+    ] {
+        let config = load(
+            &[],
+            &[TOKEN_ENV, ("REDIS_HOST", "r"), ("REDIS_USE_SSL", text)],
+        )
+        .unwrap();
+        assert_eq!(config.redis.tls, expected, "REDIS_USE_SSL={text}");
+    }
+    let message = error(
+        &[],
+        &[
+            TOKEN_ENV,
+            ("REDIS_HOST", "r"),
+            ("USE_CLUSTER_MODE", "maybe"),
+        ],
     );
-    assert_mentions(&message, &["REDIS_HOST", "no Redis backend", "NATS_URL"]);
+    assert_mentions(&message, &["USE_CLUSTER_MODE", "maybe"]);
+}
+
+#[test]
+fn bad_redis_numbers_name_the_variable() {
+    let message = error(
+        &[],
+        &[TOKEN_ENV, ("REDIS_HOST", "r"), ("REDIS_PORT", "70000")],
+    );
+    assert_mentions(&message, &["REDIS_PORT", "70000"]);
+    let message = error(
+        &[],
+        &[TOKEN_ENV, ("REDIS_HOST", "r"), ("REDIS_SCAN_COUNT", "many")],
+    );
+    assert_mentions(&message, &["REDIS_SCAN_COUNT", "many"]);
+    let message = error(
+        &[],
+        &[TOKEN_ENV, ("REDIS_HOST", "r"), ("REDIS_SCAN_COUNT", "0")],
+    );
+    assert_mentions(
+        &message,
+        &["redis.scan_count", "REDIS_SCAN_COUNT", "at least 1"],
+    );
+    let message = error(
+        &[],
+        &[
+            TOKEN_ENV,
+            ("REDIS_HOST", "r"),
+            ("CACHE_UPDATE_INTERVAL_SECONDS", "-1"),
+        ],
+    );
+    assert_mentions(&message, &["CACHE_UPDATE_INTERVAL_SECONDS", "-1"]);
+}
+
+#[test]
+fn nats_url_and_redis_host_together_are_refused() {
+    let message = error(
+        &[],
+        &[
+            TOKEN_ENV,
+            ("REDIS_HOST", "redis.internal"),
+            ("NATS_URL", "nats://n:4222"),
+        ],
+    );
+    assert_mentions(&message, &["NATS_URL", "REDIS_HOST", "unset one"]);
+}
+
+#[test]
+fn redis_password_comes_from_one_place_only() {
+    let message = error(
+        &[("a.toml", "[redis]\npassword_file = \"/run/pw\"\n")],
+        &[TOKEN_ENV, ("REDIS_HOST", "r"), ("REDIS_PASSWORD", "pw")],
+    );
+    assert_mentions(
+        &message,
+        &[
+            "redis.password_file",
+            "a.toml",
+            "REDIS_PASSWORD",
+            "not both",
+        ],
+    );
+}
+
+#[test]
+fn redis_password_from_the_environment_is_taken_verbatim() {
+    let config = load(
+        &[],
+        &[
+            TOKEN_ENV,
+            ("REDIS_HOST", "r"),
+            ("FLAGSMITH_SSE_REDIS__PASSWORD", "000123"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.redis.password.unwrap().expose(), "000123");
+}
+
+#[test]
+fn redis_ca_file_needs_tls() {
+    let message = error(
+        &[("a.toml", "[redis]\ntls_ca_file = \"/etc/ca.pem\"\n")],
+        &[TOKEN_ENV, ("REDIS_HOST", "r")],
+    );
+    assert_mentions(&message, &["redis.tls_ca_file", "a.toml", "REDIS_USE_SSL"]);
+}
+
+#[test]
+fn redis_namespace_cannot_break_the_hash_tag() {
+    let message = error(
+        &[(
+            "a.toml",
+            "backend = \"redis\"\n[redis]\nnamespace = \"a}b\"\n",
+        )],
+        &[TOKEN_ENV],
+    );
+    assert_mentions(&message, &["redis.namespace", "a.toml", "'}'"]);
 }
 
 #[test]
@@ -808,6 +1001,8 @@ fn example_config_lists_every_key() {
     let enabled: Config = example.extract().unwrap();
     assert!(enabled.authentication_token.is_some());
     assert!(enabled.nats.credentials_file.is_some());
+    assert!(enabled.redis.password_file.is_some());
+    assert!(enabled.redis.tls_ca_file.is_some());
     assert!(enabled.tls.is_some());
     assert!(enabled.publish_listen.is_some());
     assert!(enabled.publish_tls.is_some());

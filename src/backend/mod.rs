@@ -5,6 +5,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -69,5 +70,12 @@ pub async fn start(
             )
             .await?,
         ),
+        BackendKind::Redis => Arc::new(redis::RedisBackend::start(
+            &config.redis,
+            hub,
+            metrics.backend.clone(),
+            metrics.redis.clone(),
+            log,
+        )?),
     })
 }
