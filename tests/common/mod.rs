@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ pub struct NatsServer {
 }
 
 /// `name` from PATH, or a panic that says how to install it.
-fn binary_on_path(name: &str, install: &str) -> PathBuf {
+pub fn binary_on_path(name: &str, install: &str) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)
@@ -146,7 +147,7 @@ impl Drop for NatsServer {
 /// Waits until every thread of `pid` is stopped. A busy machine can let a thread of a
 /// SIGSTOPped process run for a moment (seen here: nats-server still answering a PING), so a
 /// test that needs a frozen server waits for the kernel to say so.
-fn wait_until_stopped(pid: u32) {
+pub fn wait_until_stopped(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();

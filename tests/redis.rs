@@ -1,0 +1,351 @@
+//! The Redis / Valkey backend: several instances sharing updates through one real
+//! `redis-server` (or a cluster of them), as deployments of the Redis-based `flagsmith/sse` do.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisCluster, RedisServer, redis_config};
+use common::{Service, body_at, event, seconds};
+use flagsmith_sse::backend::Backend;
+use flagsmith_sse::backend::redis::RedisBackend;
+use flagsmith_sse::config::RedisConfig;
+use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
+use flagsmith_sse::hub::Hub;
+use flagsmith_sse::metrics::Metrics;
+
+const UPDATED_AT: &str = "{flagsmith-sse}:updated-at";
+const STORED_AT: &str = "{flagsmith-sse}:stored-at";
+const CHANNEL: &str = "{flagsmith-sse}:updates";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_on_one_instance_reaches_subscribers_on_another() {
+    let redis = RedisServer::start();
+    let a = Service::start_ready(redis_config(&redis)).await;
+    let b = Service::start_ready(redis_config(&redis)).await;
+    let mut on_b = b.subscribe("env").await;
+    let mut on_a = a.subscribe("env").await;
+
+    let (status, _) = a
+        .publish(
+            "env",
+            r#"{"updated_at": "2024-12-26T17:27:07.123456+00:00"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(on_b.next_event().await, event("1735234027.123456"));
+    assert_eq!(on_a.next_event().await, event("1735234027.123456"));
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1735234027.123456");
+
+    // A subscriber arriving later on B gets the newest value first.
+    b.publish("env", &body_at(1735234099.5)).await;
+    let mut late = b.subscribe("env").await;
+    assert_eq!(late.next_event().await, event("1735234099.5"));
+    // And a new instance loads it from Redis.
+    let c = Service::start_ready(redis_config(&redis)).await;
+    let mut on_c = c.subscribe("env").await;
+    assert_eq!(on_c.next_event().await, event("1735234099.5"));
+    // One subscription per instance, whatever its subscribers.
+    assert_eq!(
+        redis.cli(&["PUBSUB", "NUMSUB", CHANNEL]),
+        format!("{CHANNEL}\n3")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_timestamp_published_after_a_newer_one_changes_nothing() {
+    let redis = RedisServer::start();
+    let mut config = redis_config(&redis);
+    config.keepalive_interval = seconds(0.3);
+    let a = Service::start_ready(config.clone()).await;
+    let b = Service::start_ready(config.clone()).await;
+    let mut on_a = a.subscribe("env").await;
+    let mut on_b = b.subscribe("env").await;
+
+    assert_eq!(a.publish("env", &body_at(5.5)).await.0, 200);
+    assert_eq!(on_a.next_event().await, event("5.5"));
+    assert_eq!(on_b.next_event().await, event("5.5"));
+    // Older, through the other instance: accepted (it is stored: a newer one is), no event.
+    assert_eq!(b.publish("env", &body_at(3.5)).await.0, 200);
+    // Retries of the newest: one event in all, already sent.
+    assert_eq!(a.publish("env", &body_at(5.5)).await.0, 200);
+    assert_eq!(b.publish("env", &body_at(5.5)).await.0, 200);
+    assert_eq!(on_a.next_data().await, b": ping\n\n");
+    assert_eq!(on_b.next_data().await, b": ping\n\n");
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "5.5");
+    let c = Service::start_ready(config).await;
+    assert_eq!(c.subscribe("env").await.next_event().await, event("5.5"));
+}
+
+fn backend_config(redis: &RedisServer) -> RedisConfig {
+    redis_config(redis).redis
+}
+
+async fn start_backend(config: &RedisConfig, retention: Duration) -> (RedisBackend, Arc<Hub>) {
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let metrics = Metrics::new("redis");
+    let hub = Arc::new(Hub::new(retention, metrics.hub.clone()));
+    let backend =
+        RedisBackend::start(config, hub.clone(), metrics.backend, metrics.redis, &log).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), backend.ready())
+        .await
+        .expect("the backend becomes ready");
+    (backend, hub)
+}
+
+fn update(key: &str, seconds: f64) -> Update {
+    Update {
+        key: EnvironmentKey::parse(key).unwrap(),
+        updated_at: UpdatedAt::from_unix_seconds(seconds).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_publishes_from_two_instances_keep_the_newest() {
+    let redis = RedisServer::start();
+    let config = backend_config(&redis);
+    let (a, hub_a) = start_backend(&config, Duration::from_secs(3600)).await;
+    let (b, hub_b) = start_backend(&config, Duration::from_secs(3600)).await;
+    // Straight to the backends, skipping the HTTP layer's "already known" shortcut: 400
+    // publishes in a shuffled order race on one environment.
+    let mut order: Vec<u32> = (1..=400).collect();
+    order.sort_by_key(|n| (n * 7919) % 401);
+    let publishes = order.iter().enumerate().map(|(index, n)| {
+        let backend = if index % 2 == 0 { &a } else { &b };
+        backend.publish(update("env", f64::from(*n) + 0.25))
+    });
+    for result in futures_util::future::join_all(publishes).await {
+        result.unwrap();
+    }
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "400.25");
+    let key = EnvironmentKey::parse("env").unwrap();
+    for hub in [&hub_a, &hub_b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hub.latest(&key).map(UpdatedAt::as_secs_f64) != Some(400.25) {
+            assert!(Instant::now() < deadline, "an instance missed the newest");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_expire_from_redis_after_the_retention_window() {
+    let redis = RedisServer::start();
+    let config = backend_config(&redis);
+    let (backend, _) = start_backend(&config, Duration::from_secs(1)).await;
+    backend.publish(update("old", 1.5)).await.unwrap();
+    let ttl: i64 = redis.cli(&["PTTL", STORED_AT]).parse().unwrap();
+    assert!((1..=1000).contains(&ttl), "PTTL {ttl}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Another environment's publish forgets the expired one; its keys live on.
+    backend.publish(update("new", 2.5)).await.unwrap();
+    assert_eq!(redis.cli(&["HKEYS", UPDATED_AT]), "new");
+    assert_eq!(redis.cli(&["ZRANGE", STORED_AT, "0", "-1"]), "new");
+    // Nothing published for a whole window: the keys themselves are gone.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(redis.cli(&["EXISTS", UPDATED_AT, STORED_AT]), "0");
+    backend.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_instance_does_not_send_an_expired_update() {
+    let redis = RedisServer::start();
+    let mut config = redis_config(&redis);
+    config.retention = seconds(1.0);
+    config.keepalive_interval = seconds(0.3);
+    let a = Service::start_ready(config.clone()).await;
+    assert_eq!(a.publish("env", &body_at(1.5)).await.0, 200);
+    // Another environment's publish keeps the keys alive; `env` is not yet old enough to be
+    // forgotten by it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(a.publish("other", &body_at(2.5)).await.0, 200);
+    // Now `env` is still stored, but older than the window.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1.5");
+    let b = Service::start_ready(config).await;
+    assert_eq!(b.subscribe("other").await.next_event().await, event("2.5"));
+    assert_eq!(b.subscribe("env").await.next_data().await, b": ping\n\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restart_flips_readiness_and_updates_flow_again() {
+    let mut redis = RedisServer::start();
+    let a = Service::start_ready(redis_config(&redis)).await;
+    let b = Service::start_ready(redis_config(&redis)).await;
+    let mut on_a = a.subscribe("env").await;
+    let mut on_b = b.subscribe("env").await;
+    a.publish("env", &body_at(1.5)).await;
+    assert_eq!(on_a.next_event().await, event("1.5"));
+    assert_eq!(on_b.next_event().await, event("1.5"));
+
+    redis.stop();
+    a.wait_ready(false).await;
+    b.wait_ready(false).await;
+    // Never a 2xx for an update that could not be stored, and an answer well within 2 s.
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(a.url("/sse/environments/env/queue-change"))
+        .header("authorization", format!("Token {}", common::TOKEN))
+        .body(body_at(2.5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(b.publish("env", &body_at(2.5)).await.0, 503);
+
+    redis.restart();
+    a.wait_ready(true).await;
+    b.wait_ready(true).await;
+    // The subscribers stayed connected through the outage and get what is published now.
+    assert_eq!(a.publish("env", &body_at(3.5)).await.0, 200);
+    assert_eq!(on_a.next_event().await, event("3.5"));
+    assert_eq!(on_b.next_event().await, event("3.5"));
+    assert_eq!(b.publish("other", &body_at(4.5)).await.0, 200);
+    let mut other_on_a = a.subscribe("other").await;
+    assert_eq!(other_on_a.next_event().await, event("4.5"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_redis_gets_503_before_flagsmiths_timeout() {
+    let redis = RedisServer::start();
+    let a = Service::start_ready(redis_config(&redis)).await;
+    redis.signal("STOP");
+    let started = Instant::now();
+    let (status, _) = a.publish("env", &body_at(1.5)).await;
+    let took = started.elapsed();
+    // A frozen server stops answering probes too: not ready until it is back.
+    a.wait_ready(false).await;
+    redis.signal("CONT");
+    assert_eq!(status, 503);
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    a.wait_ready(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_starts_while_redis_is_down_and_becomes_ready_later() {
+    let mut redis = RedisServer::start();
+    let config = redis_config(&redis);
+    redis.stop();
+    let service = Service::start(config).await;
+    let livez = reqwest::get(service.url("/livez")).await.unwrap();
+    assert_eq!(livez.status(), 200);
+    assert_eq!(service.readyz().await, 503);
+    assert_eq!(service.publish("env", &body_at(1.5)).await.0, 503);
+    let mut early = service.subscribe("env").await;
+    assert_eq!(early.status, 200);
+
+    redis.restart();
+    service.wait_ready(true).await;
+    assert_eq!(service.publish("env", &body_at(2.5)).await.0, 200);
+    assert_eq!(early.next_event().await, event("2.5"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_cut_off_from_redis_catches_up_on_what_it_missed() {
+    let redis = RedisServer::start();
+    let mut proxy = common::Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let mut cut_off_config = redis_config(&redis);
+    cut_off_config.redis.port = proxy.port;
+    let cut_off = Service::start_ready(cut_off_config).await;
+    let other = Service::start_ready(redis_config(&redis)).await;
+    let mut env_a = cut_off.subscribe("env-a").await;
+    other.publish("env-a", &body_at(1.5)).await;
+    assert_eq!(env_a.next_event().await, event("1.5"));
+
+    proxy.cut();
+    cut_off.wait_ready(false).await;
+    // Published while the instance is away: announced to nobody it can hear.
+    other.publish("env-a", &body_at(2.5)).await;
+    other.publish("env-a", &body_at(3.5)).await;
+    other.publish("env-b", &body_at(4.5)).await;
+
+    proxy.restore().await;
+    cut_off.wait_ready(true).await;
+    assert_eq!(env_a.next_event().await, event("3.5"));
+    let mut env_b = cut_off.subscribe("env-b").await;
+    assert_eq!(env_b.next_event().await, event("4.5"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_password_comes_from_a_file() {
+    let redis = RedisServer::start_with_password("s3cret pass");
+    let password_file = redis.dir().join("password");
+    std::fs::write(&password_file, "s3cret pass\n").unwrap();
+    let mut config = redis_config(&redis);
+    config.redis.password_file = Some(password_file);
+    let service = Service::start_ready(config.clone()).await;
+    assert_eq!(service.publish("env", &body_at(1.5)).await.0, 200);
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1.5");
+
+    // A wrong password: never ready, and publishes are refused, not lost.
+    let mut wrong = config;
+    wrong.redis.password_file = None;
+    wrong.redis.password = Some(flagsmith_sse::config::Secret::new("wrong".to_owned()));
+    let refused = Service::start(wrong).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(refused.readyz().await, 503);
+    assert_eq!(refused.publish("env", &body_at(2.5)).await.0, 503);
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1.5");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_redis_verifies_the_server_certificate() {
+    let redis = RedisServer::start_tls();
+    let tls = redis.tls.as_ref().unwrap();
+    let mut config = redis_config(&redis);
+    config.redis.host = "localhost".to_owned();
+    config.redis.tls = true;
+    config.redis.tls_ca_file = Some(tls.ca.clone());
+    let a = Service::start_ready(config.clone()).await;
+    let b = Service::start_ready(config.clone()).await;
+    let mut on_b = b.subscribe("env").await;
+    assert_eq!(a.publish("env", &body_at(1.5)).await.0, 200);
+    assert_eq!(on_b.next_event().await, event("1.5"));
+
+    // The system's CAs do not know the private one: the certificate is refused.
+    let mut untrusted = config;
+    untrusted.redis.tls_ca_file = None;
+    let refused = Service::start(untrusted).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(refused.readyz().await, 503);
+    assert_eq!(refused.publish("env", &body_at(2.5)).await.0, 503);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_shares_updates_through_sharded_pub_sub() {
+    let cluster = RedisCluster::start(3);
+    let owner = cluster.owner(CHANNEL);
+    // Each instance starts from a different node; the client finds the slot's owner.
+    let configs: Vec<_> = cluster.nodes[..2]
+        .iter()
+        .map(|node| {
+            let mut config = redis_config(node);
+            config.redis.cluster = true;
+            config
+        })
+        .collect();
+    let a = Service::start_ready(configs[0].clone()).await;
+    let b = Service::start_ready(configs[1].clone()).await;
+    let mut on_b = b.subscribe("env").await;
+    assert_eq!(a.publish("env", &body_at(1.5)).await.0, 200);
+    assert_eq!(on_b.next_event().await, event("1.5"));
+    assert_eq!(owner.cli(&["HGET", UPDATED_AT, "env"]), "1.5");
+    // Both listen on the shard channel at its owner, not on the cluster-wide bus.
+    assert_eq!(
+        owner.cli(&["PUBSUB", "SHARDNUMSUB", CHANNEL]),
+        format!("{CHANNEL}\n2")
+    );
+    assert_eq!(
+        owner.cli(&["PUBSUB", "NUMSUB", CHANNEL]),
+        format!("{CHANNEL}\n0")
+    );
+
+    b.publish("env", &body_at(2.5)).await;
+    let mut late = a.subscribe("env").await;
+    assert_eq!(late.next_event().await, event("2.5"));
+}
