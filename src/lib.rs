@@ -7,7 +7,7 @@
 //! - [`config`]: layered configuration (defaults, TOML, environment, legacy variables).
 //! - [`domain`]: environment keys, timestamps, the event written on the wire.
 //! - [`hub`]: the newest update per environment and the subscribers waiting for it.
-//! - [`backend`]: how updates are stored and shared: in-process or NATS JetStream.
+//! - [`backend`]: how updates are stored and shared: in-process, NATS JetStream or Redis.
 //! - [`http`]: the routes, the SSE body, HTTP/1.1 streams served without hyper, and the accept
 //!   loop (HTTP/1.1, HTTP/2, h2c).
 //! - [`tls`]: certificates for TLS listeners, reloaded on SIGHUP.

@@ -278,8 +278,8 @@ impl Metrics {
 
         let redis_errors = r.counter_vec(
             "redis_errors_total",
-            "Redis failures by operation: connect (a command failed, or no cluster node \
-             answered), subscribe, publish (an update not stored), probe (this instance's \
+            "Redis failures by operation: connect (the connection was lost, a command \
+             failed, or no cluster node answered), subscribe, publish (an update not stored), probe (this instance's \
              probe did not come back through the channel), resync (a reload of every update \
              failed), read (an unreadable message or stored update).",
             "operation",

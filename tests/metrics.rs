@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::http::{Connection, Protocol, TestCertificate};
+use common::redis::{RedisServer, redis_config};
 use common::{
     NatsServer, Scrape, Service, TOKEN, body_at, event, nats_config, scrape_until, seconds,
     test_config,
@@ -99,7 +100,15 @@ async fn every_metric_is_there_from_the_start() {
             "ack",
         ]
         .map(|operation| series("nats_errors_total", "operation", operation)),
-    ) {
+    )
+    .chain(
+        ["connect", "subscribe", "publish", "probe", "resync", "read"]
+            .map(|operation| series("redis_errors_total", "operation", operation)),
+    )
+    .chain([
+        "flagsmith_sse_redis_resyncs_total".to_owned(),
+        "flagsmith_sse_redis_resync_environments".to_owned(),
+    ]) {
         assert_eq!(scrape.value(&zero), 0.0, "{zero}");
     }
     let version = env!("CARGO_PKG_VERSION");
@@ -426,6 +435,50 @@ async fn a_nats_outage_shows_in_the_backend_metrics() {
         scrape.value("flagsmith_sse_nats_consumer_sequence") == 2.0
     })
     .await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_outage_shows_in_the_backend_metrics() {
+    let mut redis = RedisServer::start();
+    let service = Service::start_ready(redis_config(&redis)).await;
+    let connected = series("backend_connected", "backend", "redis");
+    let ready = series("backend_ready", "backend", "redis");
+    let up = Scrape::of(service.addr).await;
+    assert_eq!(up.value(&connected), 1.0);
+    assert_eq!(up.value(&ready), 1.0);
+    assert_eq!(up.value("flagsmith_sse_backend_reconnects_total"), 0.0);
+    assert_eq!(up.value("flagsmith_sse_redis_resyncs_total"), 1.0);
+    assert_eq!(up.value("flagsmith_sse_redis_resync_environments"), 0.0);
+
+    let mut subscriber = service.subscribe("env").await;
+    assert_eq!(service.publish("env", &body_at(1.0)).await.0, 200);
+    assert_eq!(subscriber.next_event().await, event("1.0"));
+
+    redis.stop();
+    scrape_until(service.addr, "the backend down", |scrape| {
+        scrape.value(&connected) == 0.0 && scrape.value(&ready) == 0.0
+    })
+    .await;
+    assert_eq!(service.readyz().await, 503);
+    assert_eq!(service.publish("env", &body_at(2.0)).await.0, 503);
+    let down = Scrape::of(service.addr).await;
+    assert_eq!(down.value(&outcome("unavailable")), 1.0);
+    assert_eq!(
+        down.value(&series("redis_errors_total", "operation", "publish")),
+        1.0
+    );
+    assert_eq!(down.value("flagsmith_sse_subscribers"), 1.0);
+
+    redis.restart();
+    service.wait_ready(true).await;
+    let back = Scrape::of(service.addr).await;
+    assert_eq!(back.value(&connected), 1.0);
+    assert_eq!(back.value("flagsmith_sse_backend_reconnects_total"), 1.0);
+    assert_eq!(back.value("flagsmith_sse_redis_resyncs_total"), 2.0);
+    assert!(back.value(&series("redis_errors_total", "operation", "connect")) >= 1.0);
+    assert_eq!(service.publish("env", &body_at(3.0)).await.0, 200);
+    assert_eq!(subscriber.next_event().await, event("3.0"));
     service.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! The published Flagsmith Python SDK, streaming from this service, sees a flag change within
 //! 1 s of a `queue-change` POST carrying an ISO 8601 timestamp, as Flagsmith's task processor
-//! sends it. The Python side lives in `tests/python/realtime_sdk_check.py`.
+//! sends it, on the NATS backend and on the Redis backend. The Python side lives in
+//! `tests/python/realtime_sdk_check.py`.
 
 mod common;
 
@@ -38,10 +39,20 @@ async fn require_sdk() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn python_sdk_sees_a_change_within_a_second() {
-    require_sdk().await;
+async fn python_sdk_sees_a_change_within_a_second_on_nats() {
     let nats = common::NatsServer::start();
-    let service = common::Service::start_ready(common::nats_config(&nats)).await;
+    sdk_sees_a_change_within_a_second(common::nats_config(&nats)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_sees_a_change_within_a_second_on_redis() {
+    let redis = common::redis::RedisServer::start();
+    sdk_sees_a_change_within_a_second(common::redis::redis_config(&redis)).await;
+}
+
+async fn sdk_sees_a_change_within_a_second(config: flagsmith_sse::Config) {
+    require_sdk().await;
+    let service = common::Service::start_ready(config).await;
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/realtime_sdk_check.py");
     let run = Command::new(PYTHON)

@@ -510,6 +510,10 @@ impl Follower {
                             self.found().await;
                             next_resync = tokio::time::Instant::now() + self.resync_interval;
                         }
+                    } else if !self.is_connected() {
+                        // Lost just now, perhaps: look for the way back at the recovery pace.
+                        next_probe =
+                            next_probe.min(tokio::time::Instant::now() + RECOVERY_PROBE_INTERVAL);
                     }
                 }
                 None => {
@@ -631,6 +635,7 @@ impl Follower {
                 }
             }
             PushKind::Disconnection => {
+                self.shared.metrics.connect.inc();
                 self.lost("the connection closed");
                 *probe = None;
                 false
