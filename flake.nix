@@ -55,6 +55,7 @@
             rustfmt
             nats-server
             natscli
+            redis
             prometheus.cli
             nixpkgs-fmt
           ];

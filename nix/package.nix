@@ -1,6 +1,7 @@
 { lib
 , rustPlatform
 , nats-server
+, redis
 , prometheus
 }:
 
@@ -28,9 +29,10 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
-  # The tests start real nats-server processes on loopback, and check /metricsz and the
-  # Grafana dashboard's queries with promtool.
-  nativeCheckInputs = [ nats-server prometheus.cli ];
+  # The tests start real nats-server and redis-server processes (single servers, TLS and a
+  # cluster) on loopback, drive them with redis-cli, and check /metricsz and the Grafana
+  # dashboard's queries with promtool.
+  nativeCheckInputs = [ nats-server redis prometheus.cli ];
   checkFlags = [
     # Needs the Flagsmith Python SDK from PyPI, which nixpkgs does not package; `.ci/run` and
     # the GitHub workflow run it.

@@ -30,6 +30,10 @@ let
       source = cfg.publishTls.keyFile;
       variable = "FLAGSMITH_SSE_PUBLISH_TLS__KEY_FILE";
     };
+    redis_password = {
+      source = cfg.redis.passwordFile;
+      variable = "FLAGSMITH_SSE_REDIS__PASSWORD_FILE";
+    };
   };
   credentialEnvironment = directory:
     lib.mapAttrs' (name: credential: lib.nameValuePair credential.variable "${directory}/${name}")
@@ -82,7 +86,8 @@ in
       description = ''
         Configuration of the daemon, written as TOML; see `etc/flagsmith-sse.toml` in the
         source for every key and its default. Secrets do not belong here: use
-        {option}`authenticationTokenFile` and the TLS file options.
+        {option}`authenticationTokenFile`, {option}`redis.passwordFile` and the TLS file
+        options.
       '';
       example = literalExpression ''
         {
@@ -133,7 +138,18 @@ in
       description = ''
         Run a JetStream NATS on this machine, bound to 127.0.0.1 ({option}`services.nats`),
         and use it. Turn off to share a NATS with other instances: then set
-        `settings.backend = "nats"` and `settings.nats.url`.
+        `settings.backend = "nats"` and `settings.nats.url`, or use Redis with
+        `settings.backend = "redis"` and `settings.redis`.
+      '';
+    };
+
+    redis.passwordFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/keys/flagsmith-sse-redis-password";
+      description = ''
+        File holding the password for `settings.backend = "redis"`, delivered with
+        `LoadCredential`; read when the service starts. Must not be in the Nix store.
       '';
     };
   };
@@ -151,10 +167,14 @@ in
           assertion = (tls.certificateFile == null) == (tls.keyFile == null);
           message = "services.flagsmith-sse.${option}: set both certificateFile and keyFile, or neither.";
         })
-        { inherit (cfg) tls publishTls; };
+        { inherit (cfg) tls publishTls; }
+      ++ [{
+        assertion = cfg.nats.createLocally -> cfg.settings.backend == "nats";
+        message = "services.flagsmith-sse: settings.backend is \"${cfg.settings.backend}\", but nats.createLocally would run a NATS for nothing; set nats.createLocally = false.";
+      }];
 
     services.flagsmith-sse.settings = mkIf cfg.nats.createLocally {
-      backend = "nats";
+      backend = lib.mkDefault "nats";
       nats.url = "nats://127.0.0.1:${toString config.services.nats.port}";
     };
 
