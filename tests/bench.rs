@@ -1,12 +1,13 @@
-//! Smoke runs of `flagsmith-sse-bench` against the service on NATS: a few hundred subscribers
-//! over HTTP/1.1, h2c and HTTP/2 over TLS, and a short throughput run. They keep the load
-//! generator working; the full-size runs and their figures are in README.md "Performance".
+//! Smoke runs of `flagsmith-sse-bench` against the service on NATS and on Redis: a few hundred
+//! subscribers over HTTP/1.1, h2c and HTTP/2 over TLS, and short throughput runs. They keep the
+//! load generator working; the full-size runs and their figures are in README.md "Performance".
 
 mod common;
 
 use std::process::Output;
 
 use common::http::{Connection, TestCertificate, tls_connect};
+use common::redis::{RedisServer, redis_config};
 use common::{NatsServer, Service, TOKEN, nats_config};
 use flagsmith_sse::Config;
 use serde_json::Value;
@@ -24,10 +25,10 @@ async fn bench(args: &[&str]) -> (Output, Value) {
     (output, report)
 }
 
-/// A short fan-out run: `updates` updates 0.1 s apart, with `options`.
-async fn fanout(url: &str, nats: &NatsServer, updates: u64, options: &[&str]) -> (Output, Value) {
+/// A short fan-out run: `updates` updates 0.1 s apart, with `options` (which name the
+/// backend: `--nats-url` or `--redis-url`).
+async fn fanout(url: &str, updates: u64, options: &[&str]) -> (Output, Value) {
     let updates = updates.to_string();
-    let nats_url = nats.url();
     let mut args = vec![
         "fanout",
         "--url",
@@ -37,13 +38,13 @@ async fn fanout(url: &str, nats: &NatsServer, updates: u64, options: &[&str]) ->
         "--interval",
         "0.1",
     ];
-    args.extend(["--settle", "0.2", "--nats-url", &nats_url]);
+    args.extend(["--settle", "0.2"]);
     args.extend(options);
     bench(&args).await
 }
 
-/// Checks a fan-out report: every subscriber connected and got every update, each delivery
-/// was timed, and the service kept one NATS consumer however many streams were open.
+/// Checks a fan-out report: every subscriber connected and got every update, and each
+/// delivery was timed.
 fn assert_complete_fanout(output: &Output, report: &Value, subscribers: u64, updates: u64) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed: {report:#} {stderr}");
@@ -61,20 +62,31 @@ fn assert_complete_fanout(output: &Output, report: &Value, subscribers: u64, upd
     assert!(fanout_max > 0.0 && fanout_max < 10_000.0, "{report:#}");
     assert!(report["service"]["delivering"]["cpu_seconds"].is_number());
     assert!(report["service"]["idle_rss_per_subscriber_kib"].is_number());
+}
+
+/// Checks that the service kept one NATS consumer however many streams were open.
+fn assert_one_nats_consumer(report: &Value) {
     let nats = &report["nats"];
     assert_eq!(nats["without_subscribers"]["consumers"], 1, "{report:#}");
     assert_eq!(nats["with_subscribers"]["consumers"], 1, "{report:#}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_over_http1_and_h2c_delivers_every_update_with_one_consumer() {
-    let nats = NatsServer::start();
-    let service = Service::start_ready(nats_config(&nats)).await;
-    let url = format!("http://{}", service.addr);
+/// Checks that the service kept one subscription on the Redis channel however many streams
+/// were open.
+fn assert_one_redis_subscription(report: &Value) {
+    let redis = &report["redis"];
+    assert_eq!(redis["subscriptions_without_subscribers"], 1, "{report:#}");
+    assert_eq!(redis["subscriptions_with_subscribers"], 1, "{report:#}");
+}
+
+/// Fan-outs over HTTP/1.1 (300 streams over 3 environments) and h2c (400 over 2), checking
+/// delivery; `backend` names the backend for the generator.
+async fn fanout_over_http1_and_h2c(url: &str, backend: &[&str]) -> Vec<Value> {
+    let mut reports = Vec::new();
     for (protocol, subscribers, environments) in [("1", 300, 3), ("2", 400, 2)] {
         let (subscribers_arg, environments_arg) =
             (subscribers.to_string(), environments.to_string());
-        let options = [
+        let mut options = vec![
             "--http",
             protocol,
             "--subscribers",
@@ -84,10 +96,35 @@ async fn fanout_over_http1_and_h2c_delivers_every_update_with_one_consumer() {
             "--streams-per-connection",
             "100",
         ];
-        let (output, report) = fanout(&url, &nats, 3, &options).await;
+        options.extend(backend);
+        let (output, report) = fanout(url, 3, &options).await;
         assert_complete_fanout(&output, &report, subscribers, 3);
         let connections = if protocol == "1" { subscribers } else { 4 };
         assert_eq!(report["connections"], connections, "{report:#}");
+        reports.push(report);
+    }
+    reports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_over_http1_and_h2c_delivers_every_update_with_one_consumer() {
+    let nats = NatsServer::start();
+    let service = Service::start_ready(nats_config(&nats)).await;
+    let url = format!("http://{}", service.addr);
+    for report in fanout_over_http1_and_h2c(&url, &["--nats-url", &nats.url()]).await {
+        assert_one_nats_consumer(&report);
+    }
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_on_redis_delivers_every_update_with_one_subscription() {
+    let redis = RedisServer::start();
+    let service = Service::start_ready(redis_config(&redis)).await;
+    let url = format!("http://{}", service.addr);
+    let redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    for report in fanout_over_http1_and_h2c(&url, &["--redis-url", &redis_url]).await {
+        assert_one_redis_subscription(&report);
     }
     service.stop().await;
 }
@@ -113,6 +150,7 @@ async fn fanout_over_http2_with_tls_delivers_every_update() {
     }
     let url = format!("https://localhost:{}", service.addr.port());
     let ca_file = certificate.files.certificate_file.to_str().unwrap();
+    let nats_url = nats.url();
     let options = [
         "--ca-file",
         ca_file,
@@ -122,9 +160,12 @@ async fn fanout_over_http2_with_tls_delivers_every_update() {
         "200",
         "--streams-per-connection",
         "50",
+        "--nats-url",
+        &nats_url,
     ];
-    let (output, report) = fanout(&url, &nats, 2, &options).await;
+    let (output, report) = fanout(&url, 2, &options).await;
     assert_complete_fanout(&output, &report, 200, 2);
+    assert_one_nats_consumer(&report);
     service.stop().await;
 }
 
@@ -162,6 +203,93 @@ async fn throughput_counts_only_jetstream_acknowledged_publishes() {
         "{report:#}"
     );
     service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throughput_on_redis_checks_that_the_newest_acknowledged_update_is_stored() {
+    let redis = RedisServer::start();
+    let service = Service::start_ready(redis_config(&redis)).await;
+    let url = format!("http://{}", service.addr);
+    let redis_url = format!("redis://127.0.0.1:{}", redis.port);
+    let (output, report) = bench(&[
+        "throughput",
+        "--url",
+        &url,
+        "--connections",
+        "8",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--redis-url",
+        &redis_url,
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed: {report:#} {stderr}");
+    let acknowledged = report["statuses"]["200"].as_u64().unwrap();
+    assert!(acknowledged > 0, "{report:#}");
+    assert_eq!(
+        report["statuses"].as_object().unwrap().len(),
+        1,
+        "{report:#}"
+    );
+    // One environment per connection, each holding the newest update it acknowledged.
+    assert_eq!(report["redis"]["environments"], 8, "{report:#}");
+    assert_eq!(report["redis"]["newest_stored"], 8, "{report:#}");
+    assert_eq!(report["redis"]["mismatches"], Value::Array(vec![]));
+    assert_eq!(redis.cli(&["HLEN", "{flagsmith-sse}:updated-at"]), "8");
+
+    // Looking under another namespace, the generator finds none of them stored, and fails.
+    let (output, report) = bench(&[
+        "throughput",
+        "--url",
+        &url,
+        "--connections",
+        "2",
+        "--warmup",
+        "0",
+        "--duration",
+        "0.3",
+        "--redis-url",
+        &redis_url,
+        "--redis-namespace",
+        "elsewhere",
+    ])
+    .await;
+    // Every publish was acknowledged: the check alone fails the run.
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    assert!(
+        report["statuses"]["200"].as_u64().unwrap() > 0,
+        "{report:#}"
+    );
+    assert_eq!(
+        report["statuses"].as_object().unwrap().len(),
+        1,
+        "{report:#}"
+    );
+    assert_eq!(report["redis"]["newest_stored"], 0, "{report:#}");
+    assert_eq!(report["redis"]["mismatches"][0]["stored"], Value::Null);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn an_option_given_again_replaces_the_earlier_value() {
+    // As bench/run passes them: the scenario's value first, the caller's after it.
+    let (output, _) = bench(&[
+        "fanout",
+        "--url",
+        "http://127.0.0.1:8088",
+        "--url",
+        "http://192.0.2.1:8088",
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("resolves to 192.0.2.1, which is not a loopback address"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

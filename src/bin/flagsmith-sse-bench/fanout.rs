@@ -107,6 +107,7 @@ pub struct Report {
     /// shares the machine with the service.
     pub generator_delivering_cpu_seconds: f64,
     pub nats: Option<NatsUse>,
+    pub redis: Option<RedisUse>,
     pub duration_seconds: f64,
 }
 
@@ -131,6 +132,14 @@ pub struct ServiceUse {
 pub struct NatsUse {
     pub without_subscribers: StreamState,
     pub with_subscribers: StreamState,
+}
+
+/// Subscriptions on the Redis update channel, before the streams opened and while they were
+/// open: the service keeps one per instance, whatever its subscribers.
+#[derive(Debug, Serialize)]
+pub struct RedisUse {
+    pub subscriptions_without_subscribers: u64,
+    pub subscriptions_with_subscribers: u64,
 }
 
 /// What the subscriber tasks and the publisher share.
@@ -225,6 +234,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
     )?);
     let token = common.token()?;
     let jetstream = common.jetstream().await?;
+    let redis = common.redis().await?;
     let limit = seconds("--timeout", args.timeout)?;
     let settle = seconds("--settle", args.settle)?;
     let interval = seconds("--interval", args.interval)?;
@@ -251,6 +261,10 @@ pub async fn run(args: Args) -> Result<Report, Error> {
     }
     let nats_before = match &jetstream {
         Some(jetstream) => Some(jetstream.state().await?),
+        None => None,
+    };
+    let redis_before = match &redis {
+        Some(redis) => Some(redis.subscriptions().await?),
         None => None,
     };
     let mut publish_times = Vec::new();
@@ -310,6 +324,10 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         Some(jetstream) => Some(jetstream.state().await?),
         None => None,
     };
+    let redis_with = match &redis {
+        Some(redis) => Some(redis.subscriptions().await?),
+        None => None,
+    };
     let connected = shared.arrived(0);
 
     eprintln!(
@@ -359,10 +377,18 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         }),
         _ => None,
     };
+    let redis = match (redis_before, redis_with) {
+        (Some(without_subscribers), Some(with_subscribers)) => Some(RedisUse {
+            subscriptions_without_subscribers: without_subscribers,
+            subscriptions_with_subscribers: with_subscribers,
+        }),
+        _ => None,
+    };
     let mut report = summarise(&args, connection_count, &shared, records, publish_times);
     report.service = service;
     report.generator_delivering_cpu_seconds = generator.cpu_seconds;
     report.nats = nats;
+    report.redis = redis;
     Ok(report)
 }
 
@@ -609,6 +635,7 @@ fn summarise(
         service: None,
         generator_delivering_cpu_seconds: 0.0,
         nats: None,
+        redis: None,
         duration_seconds: shared.started.elapsed().as_secs_f64(),
     }
 }
@@ -672,6 +699,15 @@ impl std::fmt::Display for Report {
                 f,
                 "  NATS consumers  {} without subscribers, {} with {} open",
                 nats.without_subscribers.consumers, nats.with_subscribers.consumers, self.connected
+            )?;
+        }
+        if let Some(redis) = &self.redis {
+            writeln!(
+                f,
+                "  Redis channel   {} subscriptions without subscribers, {} with {} open",
+                redis.subscriptions_without_subscribers,
+                redis.subscriptions_with_subscribers,
+                self.connected
             )?;
         }
         Ok(())

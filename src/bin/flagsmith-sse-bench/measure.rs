@@ -1,8 +1,10 @@
 //! What the benchmark measures besides its own clock: the service process (`/proc/<pid>`),
-//! NATS JetStream (through its API), and percentiles of what it timed.
+//! NATS JetStream (through its API), Redis (through plain commands), and percentiles of what
+//! it timed.
 
 use std::time::Duration;
 
+use flagsmith_sse::backend::redis::Keys;
 use serde::Serialize;
 
 use crate::Error;
@@ -147,6 +149,53 @@ impl JetStream {
             consumers: info.state.consumer_count,
             last_sequence: info.state.last_sequence,
         })
+    }
+}
+
+/// The Redis server the service uses, read with plain commands. Its key and channel names
+/// come from the service's own code, so that the two cannot drift apart.
+pub struct Redis {
+    connection: redis::aio::MultiplexedConnection,
+    keys: Keys,
+}
+
+impl Redis {
+    /// Connects to `url`; `namespace` is the service's `redis.namespace`.
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self, Error> {
+        let connection = redis::Client::open(url)
+            .map_err(|err| format!("bad Redis URL {url}: {err}"))?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|err| format!("cannot connect to Redis at {url}: {err}"))?;
+        Ok(Self {
+            connection,
+            keys: Keys::new(namespace),
+        })
+    }
+
+    /// Subscriptions on the channel updates are announced on: the service keeps one per
+    /// instance, whatever its subscribers.
+    pub async fn subscriptions(&self) -> Result<u64, Error> {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&self.keys.channel)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|err| format!("cannot count subscriptions: {err}"))?;
+        Ok(counts
+            .first()
+            .map(|(_, count)| *count)
+            .ok_or("PUBSUB NUMSUB answered no count")?)
+    }
+
+    /// The `updated_at` stored for each of `environments`, as the service wrote it.
+    pub async fn stored(&self, environments: &[String]) -> Result<Vec<Option<String>>, Error> {
+        Ok(redis::cmd("HMGET")
+            .arg(&self.keys.updated_at)
+            .arg(environments)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|err| format!("cannot read {}: {err}", self.keys.updated_at))?)
     }
 }
 

@@ -1,6 +1,10 @@
 //! The throughput scenario: many keep-alive HTTP/1.1 clients post `queue-change` back to back,
 //! as a busy Flagsmith task processor fleet would, each to its own environment with ever newer
 //! timestamps. Only requests that start after the warm-up and finish before the end count.
+//!
+//! With `--nats-url` it compares the messages JetStream stored with the `200`s; with
+//! `--redis-url`, which keeps only the newest update per environment, it checks that Redis
+//! holds the newest acknowledged `updated_at` of every environment.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::client::{Protocol, Target};
 use crate::events::Numbering;
-use crate::measure::{Percentiles, ProcessSample, ProcessUse};
+use crate::measure::{Percentiles, ProcessSample, ProcessUse, Redis};
 use crate::publish::Publisher;
 use crate::{Common, Error, seconds};
 
@@ -46,13 +50,40 @@ pub struct Report {
     /// moved meanwhile: every `200` is a stored message.
     pub acknowledged_total: u64,
     pub jetstream_stored: Option<u64>,
+    pub redis: Option<RedisStored>,
     pub service: Option<ProcessUse>,
 }
 
 impl Report {
-    pub fn only_acknowledged(&self) -> bool {
+    /// Whether every request in the window was acknowledged and, with `--redis-url`, Redis
+    /// holds what was acknowledged.
+    pub fn passed(&self) -> bool {
         self.statuses.keys().all(|status| status == "200")
+            && self
+                .redis
+                .as_ref()
+                .is_none_or(|redis| redis.mismatches.is_empty())
     }
+}
+
+/// What Redis stored for the run's environments, one per connection, at its end.
+#[derive(Debug, Serialize)]
+pub struct RedisStored {
+    pub environments: usize,
+    /// Environments whose stored `updated_at` is the newest one acknowledged with a `200`
+    /// (or that have none stored, having none acknowledged).
+    pub newest_stored: usize,
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// An environment whose stored `updated_at` is not its newest acknowledged one.
+#[derive(Debug, Serialize)]
+pub struct Mismatch {
+    pub environment: String,
+    /// The update number of the newest `200`.
+    pub acknowledged: Option<u64>,
+    /// The stored value, as Redis holds it.
+    pub stored: Option<String>,
 }
 
 /// What one client counted.
@@ -82,6 +113,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
     )?);
     let token = common.token()?;
     let jetstream = common.jetstream().await?;
+    let redis = common.redis().await?;
     let warmup = seconds("--warmup", args.warmup)?;
     let duration = seconds("--duration", args.duration)?;
     let run_id = crate::run_id();
@@ -107,17 +139,20 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         let key = format!("bench-{run_id}-{n}");
         clients.spawn(async move {
             let mut tally = Tally::default();
+            // The client posts ever newer updates, one at a time: its newest 200 is its last.
+            let mut newest_acknowledged = None;
             let mut update = 0;
             loop {
                 let sent = Instant::now();
                 if sent >= end {
-                    return tally;
+                    return (tally, key, newest_acknowledged);
                 }
                 update += 1;
                 let result = publisher.publish(&key, numbering.body(update)).await;
                 let done = Instant::now();
                 if matches!(result, Ok(200)) {
                     tally.acknowledged_total += 1;
+                    newest_acknowledged = Some(update);
                 }
                 if sent >= measure_from && done <= end {
                     let status = match &result {
@@ -128,7 +163,7 @@ pub async fn run(args: Args) -> Result<Report, Error> {
                     tally.latencies.push((done - sent).as_micros() as u64);
                 }
                 if result.is_err() {
-                    return tally;
+                    return (tally, key, newest_acknowledged);
                 }
             }
         });
@@ -140,8 +175,10 @@ pub async fn run(args: Args) -> Result<Report, Error> {
     tokio::time::sleep_until(end).await;
     let service_after = common.pid.map(ProcessSample::read).transpose()?;
     let mut total = Tally::default();
-    while let Some(tally) = clients.join_next().await {
-        let tally = tally?;
+    let mut newest_acknowledged = Vec::with_capacity(args.connections);
+    while let Some(client) = clients.join_next().await {
+        let (tally, environment, newest) = client?;
+        newest_acknowledged.push((environment, newest));
         for (status, count) in tally.statuses {
             *total.statuses.entry(status).or_default() += count;
         }
@@ -152,6 +189,10 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         (Some(jetstream), Some(before)) => Some(jetstream.state().await?.last_sequence - before),
         _ => None,
     };
+    let redis = match &redis {
+        Some(redis) => Some(check_stored(redis, numbering, newest_acknowledged).await?),
+        None => None,
+    };
     let window = duration.as_secs_f64();
     Ok(Report {
         connections: args.connections,
@@ -161,10 +202,45 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         latency: Percentiles::of(total.latencies),
         acknowledged_total: total.acknowledged_total,
         jetstream_stored,
+        redis,
         service: match (service_before, service_after) {
             (Some(before), Some(after)) => Some(ProcessUse::between(before, after)),
             _ => None,
         },
+    })
+}
+
+/// Compares what Redis stored for each environment with its newest acknowledged update.
+async fn check_stored(
+    redis: &Redis,
+    numbering: Numbering,
+    newest_acknowledged: Vec<(String, Option<u64>)>,
+) -> Result<RedisStored, Error> {
+    let environments: Vec<String> = newest_acknowledged
+        .iter()
+        .map(|(environment, _)| environment.clone())
+        .collect();
+    let stored = redis.stored(&environments).await?;
+    let mismatches: Vec<Mismatch> = newest_acknowledged
+        .into_iter()
+        .zip(stored)
+        .filter(|((_, acknowledged), stored)| {
+            let stored_update = stored
+                .as_deref()
+                .and_then(|text| text.parse::<f64>().ok())
+                .and_then(|updated_at| numbering.number(updated_at));
+            stored_update != *acknowledged
+        })
+        .map(|((environment, acknowledged), stored)| Mismatch {
+            environment,
+            acknowledged,
+            stored,
+        })
+        .collect();
+    Ok(RedisStored {
+        environments: environments.len(),
+        newest_stored: environments.len() - mismatches.len(),
+        mismatches,
     })
 }
 
@@ -196,6 +272,24 @@ impl std::fmt::Display for Report {
                 "  JetStream       {stored} messages stored for {} acknowledged publishes (warm-up included)",
                 self.acknowledged_total
             )?;
+        }
+        if let Some(redis) = &self.redis {
+            writeln!(
+                f,
+                "  Redis           {} of {} environments hold their newest acknowledged updated_at",
+                redis.newest_stored, redis.environments
+            )?;
+            for mismatch in &redis.mismatches {
+                writeln!(
+                    f,
+                    "  mismatch        {}: update {} acknowledged, {} stored",
+                    mismatch.environment,
+                    mismatch
+                        .acknowledged
+                        .map_or_else(|| "none".to_owned(), |update| update.to_string()),
+                    mismatch.stored.as_deref().unwrap_or("nothing")
+                )?;
+            }
         }
         if let Some(service) = &self.service {
             writeln!(
