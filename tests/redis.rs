@@ -318,7 +318,7 @@ async fn tls_to_redis_verifies_the_server_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_shares_updates_through_sharded_pub_sub() {
-    let cluster = RedisCluster::start(3);
+    let cluster = RedisCluster::start(3, 0);
     let owner = cluster.owner(CHANNEL);
     // Each instance starts from a different node; the client finds the slot's owner.
     let configs: Vec<_> = cluster.nodes[..2]
@@ -345,7 +345,35 @@ async fn a_cluster_shares_updates_through_sharded_pub_sub() {
         format!("{CHANNEL}\n0")
     );
 
-    b.publish("env", &body_at(2.5)).await;
-    let mut late = a.subscribe("env").await;
+    assert_eq!(b.publish("env", &body_at(2.5)).await.0, 200);
+    assert_eq!(on_b.next_event().await, event("2.5"));
+    let mut late = b.subscribe("env").await;
+    assert_eq!(late.next_event().await, event("2.5"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_failover_is_ridden_out() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let owner = cluster.owner_index(CHANNEL);
+    // Both instances start from a node that will survive.
+    let seed = (owner + 1) % cluster.nodes.len();
+    let mut config = redis_config(&cluster.nodes[seed]);
+    config.redis.cluster = true;
+    let a = Service::start_ready(config.clone()).await;
+    let b = Service::start_ready(config).await;
+    let mut on_b = b.subscribe("env").await;
+    assert_eq!(a.publish("env", &body_at(1.5)).await.0, 200);
+    assert_eq!(on_b.next_event().await, event("1.5"));
+
+    // The master of the slot dies; its replica takes over once the cluster notices, and the
+    // instances find it by themselves.
+    cluster.nodes[owner].stop();
+    a.wait_ready(false).await;
+    a.wait_ready(true).await;
+    b.wait_ready(true).await;
+    // The replica had the update; both instances publish and hear through the new master.
+    assert_eq!(a.publish("env", &body_at(2.5)).await.0, 200);
+    assert_eq!(on_b.next_event().await, event("2.5"));
+    let mut late = b.subscribe("env").await;
     assert_eq!(late.next_event().await, event("2.5"));
 }

@@ -203,7 +203,7 @@ impl RedisServer {
         command
     }
 
-    fn try_cli(&self, args: &[&str]) -> Option<String> {
+    pub fn try_cli(&self, args: &[&str]) -> Option<String> {
         let output = self.cli_command().args(args).output().ok()?;
         output
             .status
@@ -224,15 +224,15 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of `masters` nodes without replicas, slots spread by `redis-cli --cluster
-/// create`.
+/// A Redis Cluster of `masters` nodes with `replicas` replicas each, slots spread by
+/// `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
-    pub fn start(masters: usize) -> Self {
-        let nodes: Vec<RedisServer> = (0..masters)
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 let bus_port = free_port().to_string();
                 RedisServer::start_with(
@@ -243,6 +243,12 @@ impl RedisCluster {
                         &bus_port,
                         "--cluster-node-timeout",
                         "2000",
+                        // Replicas sync at once, and may take over however long ago they
+                        // last heard their master: a test kills masters right after start.
+                        "--repl-diskless-sync-delay",
+                        "0",
+                        "--cluster-replica-validity-factor",
+                        "0",
                     ],
                     false,
                 )
@@ -255,7 +261,7 @@ impl RedisCluster {
         let output = Command::new(redis_binary("redis-cli"))
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
         assert!(
@@ -264,26 +270,36 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout)
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !nodes
-            .iter()
-            .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(Instant::now() < deadline, "the cluster never became ok");
+        while !nodes.iter().all(|node| {
+            node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") && {
+                let replication = node.cli(&["INFO", "replication"]);
+                replication.contains("role:master") || replication.contains("master_link_status:up")
+            }
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster never became ok with every replica in sync"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Self { nodes }
     }
 
-    /// The node that owns `key`'s slot.
-    pub fn owner(&self, key: &str) -> &RedisServer {
+    /// The index of the master that owns `key`'s slot.
+    pub fn owner_index(&self, key: &str) -> usize {
         let slot: u16 = self.nodes[0]
             .cli(&["CLUSTER", "KEYSLOT", key])
             .parse()
             .unwrap();
         self.nodes
             .iter()
-            .find(|node| node_owns_slot(node, slot))
+            .position(|node| node.try_cli(&["PING"]).is_some() && node_owns_slot(node, slot))
             .expect("some node owns the slot")
+    }
+
+    /// The master that owns `key`'s slot.
+    pub fn owner(&self, key: &str) -> &RedisServer {
+        &self.nodes[self.owner_index(key)]
     }
 }
 
