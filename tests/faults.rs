@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::daemon::Daemon;
+use common::redis::RedisServer;
 use common::{Chunk, NatsServer, SseClient, TOKEN, body_at, updated_at_of, wait_readiness};
 use serde_json::json;
 use tokio::time::Instant;
@@ -661,19 +662,51 @@ async fn nats_killed_under_traffic_loses_nothing_that_was_acknowledged() {
     let _machine = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsServer::start();
     let settings = [("NATS_URL", nats.url()), ("MAX_STREAM_AGE", "0".to_owned())];
-    let (a, a_addr) = daemon(&settings).await;
-    let (_b, b_addr) = daemon(&settings).await;
+    backend_killed_under_traffic("nats-outage", &settings, |up| match up {
+        true => nats.restart(),
+        false => nats.stop(),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_under_traffic_loses_nothing_that_was_acknowledged() {
+    let _machine = ONE_AT_A_TIME.lock().await;
+    let mut redis = RedisServer::start();
+    let settings = [
+        ("REDIS_HOST", "127.0.0.1".to_owned()),
+        ("REDIS_PORT", redis.port.to_string()),
+        ("MAX_STREAM_AGE", "0".to_owned()),
+    ];
+    // Restarted without persistence, Redis comes back empty: what reaches the subscribers
+    // after the outage is what is published after it.
+    backend_killed_under_traffic("redis-outage", &settings, |up| match up {
+        true => redis.restart(),
+        false => redis.stop(),
+    })
+    .await;
+}
+
+/// Two instances under [`Traffic::steady`] while their backend is killed (`set_up(false)`)
+/// and, after an outage, started again (`set_up(true)`).
+async fn backend_killed_under_traffic(
+    scenario: &str,
+    settings: &[(&str, String)],
+    mut set_up: impl FnMut(bool),
+) {
+    let (a, a_addr) = daemon(settings).await;
+    let (_b, b_addr) = daemon(settings).await;
     let traffic = Traffic::steady(&[a_addr, b_addr]).await;
     let rss_before = a.rss_kib();
 
-    nats.stop();
+    set_up(false);
     let killed = Instant::now();
     wait_readiness(a_addr, false).await;
     wait_readiness(b_addr, false).await;
     let outage = size(Duration::from_secs(3), Duration::from_secs(30));
     tokio::time::sleep(outage.saturating_sub(killed.elapsed())).await;
     let restarting = Instant::now();
-    nats.restart();
+    set_up(true);
     wait_readiness(a_addr, true).await;
     wait_readiness(b_addr, true).await;
     let recovered = Instant::now();
@@ -689,7 +722,7 @@ async fn nats_killed_under_traffic_loses_nothing_that_was_acknowledged() {
 
     let during = in_window(&published, killed, restarting);
     let since_ready = in_window(&published, recovered, after);
-    // Never a 2xx for an update NATS could not store; all stored again once it is back.
+    // Never a 2xx for an update the backend could not store; all stored again once it is back.
     assert!(!during.is_empty());
     assert!(during.iter().all(|publish| publish.status == Some(503)));
     assert!(
@@ -707,7 +740,7 @@ async fn nats_killed_under_traffic_loses_nothing_that_was_acknowledged() {
     let grown_kib = rss_after.saturating_sub(rss_before);
     assert!(grown_kib < 4096, "RSS grew by {grown_kib} KiB");
     report(
-        "nats-outage",
+        scenario,
         json!({
             "subscribers": subscribers.len(),
             "environments": environment_count,

@@ -293,6 +293,40 @@ async fn the_password_comes_from_a_file() {
     assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1.5");
 }
 
+#[tokio::test]
+async fn unreadable_secrets_and_certificates_stop_start_up_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let start = |config: RedisConfig| {
+        let metrics = Metrics::new("redis");
+        let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
+        RedisBackend::start(&config, hub, metrics.backend, metrics.redis, &log)
+            .err()
+            .expect("start-up refused")
+            .to_string()
+    };
+    let missing = dir.path().join("missing");
+    let message = start(RedisConfig {
+        password_file: Some(missing.clone()),
+        ..RedisConfig::default()
+    });
+    assert!(message.contains("redis.password_file"), "{message}");
+    assert!(
+        message.contains(&missing.display().to_string()),
+        "{message}"
+    );
+
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let message = start(RedisConfig {
+        tls: true,
+        tls_ca_file: Some(not_pem.clone()),
+        ..RedisConfig::default()
+    });
+    assert!(message.contains("redis.tls_ca_file"), "{message}");
+    assert!(message.contains("no PEM certificate"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_to_redis_verifies_the_server_certificate() {
     let redis = RedisServer::start_tls();
