@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisServer, redis_config};
-use common::{Service, body_at, event, seconds};
+use common::{Service, body_at, event, scenarios, seconds};
 use flagsmith_sse::backend::Backend;
 use flagsmith_sse::backend::redis::RedisBackend;
 use flagsmith_sse::config::RedisConfig;
@@ -22,30 +22,9 @@ const CHANNEL: &str = "{flagsmith-sse}:updates";
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_on_one_instance_reaches_subscribers_on_another() {
     let redis = RedisServer::start();
-    let a = Service::start_ready(redis_config(&redis)).await;
-    let b = Service::start_ready(redis_config(&redis)).await;
-    let mut on_b = b.subscribe("env").await;
-    let mut on_a = a.subscribe("env").await;
-
-    let (status, _) = a
-        .publish(
-            "env",
-            r#"{"updated_at": "2024-12-26T17:27:07.123456+00:00"}"#,
-        )
+    scenarios::a_publish_on_one_instance_reaches_subscribers_on_another(&redis_config(&redis))
         .await;
-    assert_eq!(status, 200);
-    assert_eq!(on_b.next_event().await, event("1735234027.123456"));
-    assert_eq!(on_a.next_event().await, event("1735234027.123456"));
-    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1735234027.123456");
-
-    // A subscriber arriving later on B gets the newest value first.
-    b.publish("env", &body_at(1735234099.5)).await;
-    let mut late = b.subscribe("env").await;
-    assert_eq!(late.next_event().await, event("1735234099.5"));
-    // And a new instance loads it from Redis.
-    let c = Service::start_ready(redis_config(&redis)).await;
-    let mut on_c = c.subscribe("env").await;
-    assert_eq!(on_c.next_event().await, event("1735234099.5"));
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1735234099.5");
     // One subscription per instance, whatever its subscribers.
     assert_eq!(
         redis.cli(&["PUBSUB", "NUMSUB", CHANNEL]),
@@ -173,102 +152,51 @@ async fn a_new_instance_does_not_send_an_expired_update() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restart_flips_readiness_and_updates_flow_again() {
     let mut redis = RedisServer::start();
-    let a = Service::start_ready(redis_config(&redis)).await;
-    let b = Service::start_ready(redis_config(&redis)).await;
-    let mut on_a = a.subscribe("env").await;
-    let mut on_b = b.subscribe("env").await;
-    a.publish("env", &body_at(1.5)).await;
-    assert_eq!(on_a.next_event().await, event("1.5"));
-    assert_eq!(on_b.next_event().await, event("1.5"));
-
-    redis.stop();
-    a.wait_ready(false).await;
-    b.wait_ready(false).await;
-    // Never a 2xx for an update that could not be stored, and an answer well within 2 s.
-    let started = Instant::now();
-    let response = reqwest::Client::new()
-        .post(a.url("/sse/environments/env/queue-change"))
-        .header("authorization", format!("Token {}", common::TOKEN))
-        .body(body_at(2.5))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 503);
-    assert_eq!(response.headers()["retry-after"], "1");
-    assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(b.publish("env", &body_at(2.5)).await.0, 503);
-
-    redis.restart();
-    a.wait_ready(true).await;
-    b.wait_ready(true).await;
-    // The subscribers stayed connected through the outage and get what is published now.
-    assert_eq!(a.publish("env", &body_at(3.5)).await.0, 200);
-    assert_eq!(on_a.next_event().await, event("3.5"));
-    assert_eq!(on_b.next_event().await, event("3.5"));
-    assert_eq!(b.publish("other", &body_at(4.5)).await.0, 200);
-    let mut other_on_a = a.subscribe("other").await;
-    assert_eq!(other_on_a.next_event().await, event("4.5"));
+    let config = redis_config(&redis);
+    scenarios::backend_restart_flips_readiness_and_updates_flow_again(&config, |up| match up {
+        true => redis.restart(),
+        false => redis.stop(),
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_redis_gets_503_before_flagsmiths_timeout() {
     let redis = RedisServer::start();
-    let a = Service::start_ready(redis_config(&redis)).await;
-    redis.signal("STOP");
-    let started = Instant::now();
-    let (status, _) = a.publish("env", &body_at(1.5)).await;
-    let took = started.elapsed();
-    // A frozen server stops answering probes too: not ready until it is back.
-    a.wait_ready(false).await;
+    let service = scenarios::a_stalled_backend_gets_503_before_flagsmiths_timeout(
+        &redis_config(&redis),
+        || redis.signal("STOP"),
+    )
+    .await;
+    // The probes notice a server that answers nothing, and that it is back.
+    service.wait_ready(false).await;
     redis.signal("CONT");
-    assert_eq!(status, 503);
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
-    a.wait_ready(true).await;
+    service.wait_ready(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_starts_while_redis_is_down_and_becomes_ready_later() {
     let mut redis = RedisServer::start();
     let config = redis_config(&redis);
-    redis.stop();
-    let service = Service::start(config).await;
-    let livez = reqwest::get(service.url("/livez")).await.unwrap();
-    assert_eq!(livez.status(), 200);
-    assert_eq!(service.readyz().await, 503);
-    assert_eq!(service.publish("env", &body_at(1.5)).await.0, 503);
-    let mut early = service.subscribe("env").await;
-    assert_eq!(early.status, 200);
-
-    redis.restart();
-    service.wait_ready(true).await;
-    assert_eq!(service.publish("env", &body_at(2.5)).await.0, 200);
-    assert_eq!(early.next_event().await, event("2.5"));
+    scenarios::the_service_starts_while_the_backend_is_down(&config, |up| match up {
+        true => redis.restart(),
+        false => redis.stop(),
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_cut_off_from_redis_catches_up_on_what_it_missed() {
     let redis = RedisServer::start();
     let mut proxy = common::Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
-    let mut cut_off_config = redis_config(&redis);
-    cut_off_config.redis.port = proxy.port;
-    let cut_off = Service::start_ready(cut_off_config).await;
-    let other = Service::start_ready(redis_config(&redis)).await;
-    let mut env_a = cut_off.subscribe("env-a").await;
-    other.publish("env-a", &body_at(1.5)).await;
-    assert_eq!(env_a.next_event().await, event("1.5"));
-
-    proxy.cut();
-    cut_off.wait_ready(false).await;
-    // Published while the instance is away: announced to nobody it can hear.
-    other.publish("env-a", &body_at(2.5)).await;
-    other.publish("env-a", &body_at(3.5)).await;
-    other.publish("env-b", &body_at(4.5)).await;
-
-    proxy.restore().await;
-    cut_off.wait_ready(true).await;
-    assert_eq!(env_a.next_event().await, event("3.5"));
-    let mut env_b = cut_off.subscribe("env-b").await;
-    assert_eq!(env_b.next_event().await, event("4.5"));
+    let mut cut_off = redis_config(&redis);
+    cut_off.redis.port = proxy.port;
+    scenarios::an_instance_cut_off_catches_up_on_what_it_missed(
+        &cut_off,
+        &redis_config(&redis),
+        &mut proxy,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod http;
 pub mod redis;
+pub mod scenarios;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
