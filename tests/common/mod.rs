@@ -105,10 +105,7 @@ impl NatsServer {
 
     /// Kills the server (SIGKILL); its store stays for [`NatsServer::restart`].
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts the server again on the same port with the same store.
@@ -119,15 +116,7 @@ impl NatsServer {
     }
 
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        if signal == "STOP" {
-            wait_until_stopped(pid);
-        }
+        signal_child(self.child.as_ref().expect("running"), signal);
     }
 
     /// Number of consumers on `stream`, read from the JetStream API.
@@ -145,10 +134,31 @@ impl Drop for NatsServer {
     }
 }
 
+/// Kills a server process (SIGKILL) and reaps it; nothing if it is not running.
+pub fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Sends `signal` to a server process; after `STOP`, returns once it is stopped.
+pub fn signal_child(child: &Child, signal: &str) {
+    let pid = child.id();
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    if signal == "STOP" {
+        wait_until_stopped(pid);
+    }
+}
+
 /// Waits until every thread of `pid` is stopped. A busy machine can let a thread of a
 /// SIGSTOPped process run for a moment (seen here: nats-server still answering a PING), so a
 /// test that needs a frozen server waits for the kernel to say so.
-pub fn wait_until_stopped(pid: u32) {
+fn wait_until_stopped(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();

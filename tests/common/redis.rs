@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use flagsmith_sse::Config;
 use flagsmith_sse::config::BackendKind;
 
-use super::{binary_on_path, free_port, test_config, wait_for_tcp, wait_until_stopped};
+use super::{binary_on_path, free_port, test_config, wait_for_tcp};
 
 fn redis_binary(name: &str) -> PathBuf {
     binary_on_path(
@@ -167,10 +167,7 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL): without persistence, it forgets everything.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill(&mut self.child);
     }
 
     /// Starts the server again on the same port, empty.
@@ -180,15 +177,7 @@ impl RedisServer {
     }
 
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        if signal == "STOP" {
-            wait_until_stopped(pid);
-        }
+        super::signal_child(self.child.as_ref().expect("running"), signal);
     }
 
     fn cli_command(&self) -> Command {
