@@ -386,6 +386,32 @@ async fn failed_tls_handshakes_are_counted() {
     service.stop().await;
 }
 
+/// Once `backend` is gone under `service` and its one subscriber: neither connected nor
+/// ready, readiness and a publish answered `503`, and the refused publish counted as the
+/// backend's publish error.
+async fn assert_backend_down(service: &Service, backend: &str) {
+    let connected = series("backend_connected", "backend", backend);
+    let ready = series("backend_ready", "backend", backend);
+    scrape_until(service.addr, "the backend down", |scrape| {
+        scrape.value(&connected) == 0.0 && scrape.value(&ready) == 0.0
+    })
+    .await;
+    assert_eq!(service.readyz().await, 503);
+    assert_eq!(service.publish("env", &body_at(2.0)).await.0, 503);
+    let down = Scrape::of(service.addr).await;
+    assert_eq!(down.value(&outcome("unavailable")), 1.0);
+    assert_eq!(
+        down.value(&series(
+            &format!("{backend}_errors_total"),
+            "operation",
+            "publish"
+        )),
+        1.0
+    );
+    assert!(down.value(&errors("healthcheck")) >= 1.0);
+    assert_eq!(down.value("flagsmith_sse_subscribers"), 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nats_outage_shows_in_the_backend_metrics() {
     let mut nats = NatsServer::start();
@@ -408,20 +434,7 @@ async fn a_nats_outage_shows_in_the_backend_metrics() {
     assert_eq!(followed.value("flagsmith_sse_nats_consumer_pending"), 0.0);
 
     nats.stop();
-    scrape_until(service.addr, "the backend down", |scrape| {
-        scrape.value(&connected) == 0.0 && scrape.value(&ready) == 0.0
-    })
-    .await;
-    assert_eq!(service.readyz().await, 503);
-    assert_eq!(service.publish("env", &body_at(2.0)).await.0, 503);
-    let down = Scrape::of(service.addr).await;
-    assert_eq!(down.value(&outcome("unavailable")), 1.0);
-    assert_eq!(
-        down.value(&series("nats_errors_total", "operation", "publish")),
-        1.0
-    );
-    assert!(down.value(&errors("healthcheck")) >= 1.0);
-    assert_eq!(down.value("flagsmith_sse_subscribers"), 1.0);
+    assert_backend_down(&service, "nats").await;
 
     nats.restart();
     service.wait_ready(true).await;
@@ -456,19 +469,7 @@ async fn a_redis_outage_shows_in_the_backend_metrics() {
     assert_eq!(subscriber.next_event().await, event("1.0"));
 
     redis.stop();
-    scrape_until(service.addr, "the backend down", |scrape| {
-        scrape.value(&connected) == 0.0 && scrape.value(&ready) == 0.0
-    })
-    .await;
-    assert_eq!(service.readyz().await, 503);
-    assert_eq!(service.publish("env", &body_at(2.0)).await.0, 503);
-    let down = Scrape::of(service.addr).await;
-    assert_eq!(down.value(&outcome("unavailable")), 1.0);
-    assert_eq!(
-        down.value(&series("redis_errors_total", "operation", "publish")),
-        1.0
-    );
-    assert_eq!(down.value("flagsmith_sse_subscribers"), 1.0);
+    assert_backend_down(&service, "redis").await;
 
     redis.restart();
     service.wait_ready(true).await;
