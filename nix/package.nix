@@ -42,6 +42,8 @@ rustPlatform.buildRustPackage {
   meta = {
     description = "Real-time Flagsmith flag updates over Server-Sent Events";
     mainProgram = "flagsmith-sse";
+    # Cargo.toml's `MIT OR Apache-2.0`, as nixpkgs writes a choice of licences.
+    license = with lib.licenses; [ mit asl20 ];
     platforms = lib.platforms.linux;
   };
 }
