@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use flagsmith_sse::{Config, Control, Listeners, logging};
 use slog::{crit, info, warn};
 use tokio::net::{TcpListener, TcpSocket};
@@ -14,13 +14,23 @@ use tokio::net::{TcpListener, TcpSocket};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file; repeat to layer several. Default:
     /// /etc/flagsmith-sse/config.toml when it exists.
-    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    #[arg(long = "config", short = 'c', value_name = "FILE", global = true)]
     config: Vec<PathBuf>,
-    /// Validate the configuration (files and environment) and exit.
+    /// Validate the configuration and exit: the `check-config` command, as a flag.
     #[arg(long)]
     check_config: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default). Flagsmith's Helm chart starts the image with `serve`.
+    Serve,
+    /// Validate the configuration (files and environment) and exit.
+    CheckConfig,
 }
 
 fn main() -> ExitCode {
@@ -32,7 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.check_config {
+    if cli.check_config || matches!(cli.command, Some(Command::CheckConfig)) {
         println!("configuration ok");
         return ExitCode::SUCCESS;
     }

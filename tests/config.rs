@@ -1,5 +1,5 @@
-//! Configuration layering, the replaced image's variables, the errors an operator sees,
-//! `--check-config`, and the example file in `etc/`.
+//! Configuration layering, the replaced image's variables, the errors an operator sees, the
+//! command line (`serve`, `check-config`), and the example file in `etc/`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -881,20 +881,72 @@ fn token_conflict_names_where_both_came_from() {
     );
 }
 
-// `--check-config` of the real binary
+// The command line of the real binary
 
-fn check_config(config: &Path, env: &[(&str, &str)]) -> Output {
+fn run_binary(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
     // `env_clear` rather than removing known names: tests running alongside set variables
     // inside their jails, and the binary must see only what this test gives it.
     Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"))
-        .arg("--config")
-        .arg(config)
-        .arg("--check-config")
+        .args(args)
         .env_clear()
         .envs(env.iter().copied())
-        .current_dir(config.parent().unwrap())
+        .current_dir(dir)
         .output()
         .expect("the binary runs")
+}
+
+fn check_config(config: &Path, env: &[(&str, &str)]) -> Output {
+    let config_arg = config.to_str().unwrap();
+    run_binary(
+        &["--config", config_arg, "--check-config"],
+        config.parent().unwrap(),
+        env,
+    )
+}
+
+#[test]
+fn help_lists_serve_and_check_config() {
+    let output = run_binary(&["--help"], Path::new(EXAMPLE).parent().unwrap(), &[]);
+    assert!(output.status.success(), "{output:?}");
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert_mentions(
+        &help,
+        &["serve", "check-config", "--check-config", "--config"],
+    );
+}
+
+#[test]
+fn check_config_is_also_a_command_and_takes_config_after_it() {
+    let dir = Path::new(EXAMPLE).parent().unwrap();
+    for args in [
+        ["check-config", "--config", EXAMPLE],
+        ["--config", EXAMPLE, "check-config"],
+    ] {
+        let output = run_binary(&args, dir, &[]);
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "configuration ok\n"
+        );
+    }
+    // The command validates as the flag does: a bad value is still exit code 2.
+    let output = run_binary(
+        &["check-config", "--config", EXAMPLE],
+        dir,
+        &[("MAX_STREAM_AGE", "soon")],
+    );
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_mentions(
+        &String::from_utf8_lossy(&output.stderr),
+        &["`MAX_STREAM_AGE`"],
+    );
+}
+
+#[test]
+fn unknown_commands_are_refused_with_exit_code_2() {
+    let output = run_binary(&["start"], Path::new(EXAMPLE).parent().unwrap(), &[]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_mentions(&String::from_utf8_lossy(&output.stderr), &["start"]);
 }
 
 #[test]

@@ -6,8 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::redis::{RedisCluster, RedisServer, redis_config};
-use common::{Service, body_at, event, scenarios, seconds};
+use common::{Service, SseClient, body_at, event, publish, scenarios, seconds, wait_readiness};
 use flagsmith_sse::backend::Backend;
 use flagsmith_sse::backend::redis::RedisBackend;
 use flagsmith_sse::config::RedisConfig;
@@ -55,6 +56,41 @@ async fn an_older_timestamp_published_after_a_newer_one_changes_nothing() {
     assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "5.5");
     let c = Service::start_ready(config).await;
     assert_eq!(c.subscribe("env").await.next_event().await, event("5.5"));
+}
+
+/// Flagsmith's Helm chart runs the image with `args: ["serve"]`, the token in
+/// `SSE_AUTHENTICATION_TOKEN`, the Redis variables in `extraEnv`, and probes
+/// `/health/liveness/` and `/health/readiness/`. (`container/test` runs the image itself,
+/// without `LISTEN_ADDR`, on port 8000.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_run_as_the_helm_chart_runs_it_serves_probes_and_updates() {
+    let redis = RedisServer::start();
+    let mut daemon = Daemon::spawn_with_args(
+        &["serve"],
+        &[
+            ("SSE_AUTHENTICATION_TOKEN", "chart-token".to_owned()),
+            ("REDIS_HOST", "127.0.0.1".to_owned()),
+            ("REDIS_PORT", redis.port.to_string()),
+        ],
+    );
+    let addr = daemon.listen_addr();
+    wait_readiness(addr, true).await;
+    let client = reqwest::Client::new();
+    for probe in ["/health/liveness/", "/health/readiness/"] {
+        let response = client
+            .get(format!("http://{addr}{probe}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{probe}");
+    }
+    let mut subscriber = SseClient::connect(addr, "/sse/environments/env/stream", &[]).await;
+    let body = r#"{"updated_at": "2024-12-26T17:27:07.123456+00:00"}"#;
+    assert_eq!(publish(addr, "env", body, Some("wrong")).await.0, 401);
+    assert_eq!(publish(addr, "env", body, Some("chart-token")).await.0, 200);
+    assert_eq!(subscriber.next_event().await, event("1735234027.123456"));
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(25)).0, Some(0));
 }
 
 fn backend_config(redis: &RedisServer) -> RedisConfig {

@@ -15,7 +15,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(envs: &[(&str, String)]) -> Self {
+        Self::spawn_with_args(&[], envs)
+    }
+
+    /// Listening on a dynamic loopback port: `LISTEN_ADDR` is set unless `envs` sets it.
+    pub fn spawn_with_args(args: &[&str], envs: &[(&str, String)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+        command.args(args);
         for (name, _) in std::env::vars() {
             if name.starts_with("FLAGSMITH_SSE_")
                 || [
