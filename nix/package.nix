@@ -23,6 +23,8 @@ rustPlatform.buildRustPackage {
       ../tests
       ../etc/flagsmith-sse.toml
       ../etc/grafana/flagsmith-sse.json
+      ../etc/compose.yaml
+      ../etc/helm/values-flagsmith-sse.yaml
       ../nix/demo.sh
     ];
   };

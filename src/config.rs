@@ -716,6 +716,14 @@ impl Config {
     }
 }
 
+/// The variables of the replaced `flagsmith/sse` images that the service reads, besides its
+/// own `FLAGSMITH_SSE_*`.
+pub fn legacy_variables() -> impl Iterator<Item = &'static str> {
+    VerbatimVariable::LEGACY
+        .into_iter()
+        .map(VerbatimVariable::name)
+}
+
 /// Whether a secret file can be read by users other than its owner and group. Files under
 /// `$CREDENTIALS_DIRECTORY` are exempt: systemd gives them to the service alone.
 pub fn readable_by_others(path: &Path) -> bool {
