@@ -17,6 +17,12 @@
       packages = forAllSystems (pkgs: rec {
         flagsmith-sse = pkgs.callPackage ./nix/package.nix { };
         default = flagsmith-sse;
+        # `nix build .#container && ./result | docker load` (or `podman load`).
+        container = pkgs.callPackage ./nix/container.nix {
+          inherit flagsmith-sse;
+          revision = self.rev or self.dirtyRev or "unknown";
+          lastModifiedDate = self.lastModifiedDate or "19700101000001";
+        };
       });
 
       apps = forAllSystems (pkgs:

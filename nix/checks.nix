@@ -1,5 +1,6 @@
 # What `nix flake check` builds: the package (its check phase runs the Rust test suite with
-# nats-server), clippy, rustfmt, the Nix formatting, and the NixOS VM tests of the module.
+# nats-server), the container image, clippy, rustfmt, the Nix formatting, and the NixOS VM
+# tests of the module.
 { self, pkgs }:
 
 let
@@ -12,6 +13,7 @@ let
 in
 {
   inherit package;
+  inherit (self.packages.${pkgs.stdenv.hostPlatform.system}) container;
 
   clippy = package.overrideAttrs (previous: {
     pname = "${previous.pname}-clippy";
