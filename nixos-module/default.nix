@@ -243,8 +243,9 @@ in
         RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
         SystemCallArchitectures = "native";
         SystemCallFilter = [ "@system-service" "~@privileged" "~@resources" ];
-        # A filtered call fails instead of killing the process: with LimitNOFILE above, the
-        # daemon's attempt to raise its own limit is the one such call, and it is harmless.
+        # A filtered call fails with EPERM instead of killing the process. (Raising the
+        # open-files limit to LimitNOFILE at start is not filtered: glibc makes it the prlimit64
+        # system call, which @resources does not hold.)
         SystemCallErrorNumber = "EPERM";
       };
     };

@@ -338,7 +338,7 @@ impl Metrics {
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
         #[cfg(target_os = "linux")]
-        r.register(prometheus::process_collector::ProcessCollector::for_self());
+        r.register(ProcessMetrics::for_self());
 
         Self {
             subscribers: r.gauge("subscribers", "Streams open now."),
@@ -377,6 +377,79 @@ impl Metrics {
     pub fn content_type() -> &'static str {
         prometheus::TEXT_FORMAT
     }
+}
+
+/// Prometheus' process metrics, with `process_start_time_seconds` computed here: the crate's
+/// collector adds the boot time from `/proc/stat`, which the systemd unit's `ProcSubset=pid`
+/// hides, and then reports 0.
+#[cfg(target_os = "linux")]
+struct ProcessMetrics {
+    collector: prometheus::process_collector::ProcessCollector,
+    start_time: prometheus::Gauge,
+}
+
+#[cfg(target_os = "linux")]
+impl ProcessMetrics {
+    const START_TIME: &'static str = "process_start_time_seconds";
+
+    fn for_self() -> Self {
+        let start_time = prometheus::Gauge::new(
+            Self::START_TIME,
+            "Start time of the process since unix epoch in seconds.",
+        )
+        .expect("gauge");
+        if let Some(seconds) = process_start_time() {
+            start_time.set(seconds);
+        }
+        Self {
+            collector: prometheus::process_collector::ProcessCollector::for_self(),
+            start_time,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs: Vec<_> = self
+            .collector
+            .desc()
+            .into_iter()
+            .filter(|desc| desc.fq_name != Self::START_TIME)
+            .collect();
+        descs.extend(self.start_time.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families: Vec<_> = self
+            .collector
+            .collect()
+            .into_iter()
+            .filter(|family| family.name() != Self::START_TIME)
+            .collect();
+        families.extend(self.start_time.collect());
+        families
+    }
+}
+
+/// When this process started, in Unix seconds: its start in clock ticks after boot (field 22
+/// of `/proc/self/stat`, readable under `ProcSubset=pid`) after the boot time, which is now on
+/// the real-time clock less now on the boot-time clock.
+#[cfg(target_os = "linux")]
+pub fn process_start_time() -> Option<f64> {
+    use rustix::time::{ClockId, clock_gettime};
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name, in parentheses, may hold spaces and parentheses: count from after it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let start_ticks: f64 = after_name.split_whitespace().nth(19)?.parse().ok()?;
+    let since_boot = clock_gettime(ClockId::Boottime);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    let boot = now - (since_boot.tv_sec as f64 + since_boot.tv_nsec as f64 / 1e9);
+    Some(boot + start_ticks / rustix::param::clock_ticks_per_second() as f64)
 }
 
 fn saturating_i64(value: usize) -> i64 {

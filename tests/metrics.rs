@@ -125,6 +125,29 @@ async fn every_metric_is_there_from_the_start() {
     assert!(scrape.value(&writes("healthcheck")) >= 1.0);
     assert!(scrape.value("process_resident_memory_bytes") > 1e6);
     assert!(scrape.value("process_open_fds") > 0.0);
+    // Computed without /proc/stat, which the systemd unit hides (ProcSubset=pid); here it is
+    // readable, so compare with the boot time it gives (whole seconds).
+    let boot_time: f64 = std::fs::read_to_string("/proc/stat")
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let start_ticks: f64 = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expected = boot_time + start_ticks / rustix::param::clock_ticks_per_second() as f64;
+    let reported = scrape.value("process_start_time_seconds");
+    assert!(
+        (reported - expected).abs() < 1.5,
+        "process_start_time_seconds {reported}, from /proc/stat {expected}"
+    );
     service.stop().await;
 }
 
