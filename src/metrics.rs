@@ -113,6 +113,9 @@ pub struct NatsMetrics {
     pub pull: IntCounter,
     pub read: IntCounter,
     pub ack: IntCounter,
+    /// Publishes that found another update written since they read the stored one, and read
+    /// again (compare and set).
+    pub publish_conflicts: IntCounter,
     pub sequence: IntGauge,
     pub pending: IntGauge,
 }
@@ -266,6 +269,11 @@ impl Metrics {
             pull: operation("pull"),
             read: operation("read"),
             ack: operation("ack"),
+            publish_conflicts: r.counter(
+                "nats_publish_conflicts_total",
+                "Publishes that found another update stored since they read the subject's last \
+                 one, and compared again before storing theirs.",
+            ),
             sequence: r.gauge(
                 "nats_consumer_sequence",
                 "Stream sequence of the last message this instance's consumer delivered.",

@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::Daemon;
 use common::redis::{RedisCluster, RedisServer, redis_config};
@@ -36,26 +36,11 @@ async fn a_publish_on_one_instance_reaches_subscribers_on_another() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_timestamp_published_after_a_newer_one_changes_nothing() {
     let redis = RedisServer::start();
-    let mut config = redis_config(&redis);
-    config.keepalive_interval = seconds(0.3);
-    let a = Service::start_ready(config.clone()).await;
-    let b = Service::start_ready(config.clone()).await;
-    let mut on_a = a.subscribe("env").await;
-    let mut on_b = b.subscribe("env").await;
-
-    assert_eq!(a.publish("env", &body_at(5.5)).await.0, 200);
-    assert_eq!(on_a.next_event().await, event("5.5"));
-    assert_eq!(on_b.next_event().await, event("5.5"));
-    // Older, through the other instance: accepted (it is stored: a newer one is), no event.
-    assert_eq!(b.publish("env", &body_at(3.5)).await.0, 200);
-    // Retries of the newest: one event in all, already sent.
-    assert_eq!(a.publish("env", &body_at(5.5)).await.0, 200);
-    assert_eq!(b.publish("env", &body_at(5.5)).await.0, 200);
-    assert_eq!(on_a.next_data().await, b": ping\n\n");
-    assert_eq!(on_b.next_data().await, b": ping\n\n");
+    scenarios::an_older_timestamp_published_after_a_newer_one_changes_nothing(&redis_config(
+        &redis,
+    ))
+    .await;
     assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "5.5");
-    let c = Service::start_ready(config).await;
-    assert_eq!(c.subscribe("env").await.next_event().await, event("5.5"));
 }
 
 /// Flagsmith's Helm chart runs the image with `args: ["serve"]`, the token in
@@ -119,31 +104,8 @@ fn update(key: &str, seconds: f64) -> Update {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_publishes_from_two_instances_keep_the_newest() {
     let redis = RedisServer::start();
-    let config = backend_config(&redis);
-    let (a, hub_a) = start_backend(&config, Duration::from_secs(3600)).await;
-    let (b, hub_b) = start_backend(&config, Duration::from_secs(3600)).await;
-    // Straight to the backends, skipping the HTTP layer's "already known" shortcut: 400
-    // publishes in a shuffled order race on one environment.
-    let mut order: Vec<u32> = (1..=400).collect();
-    order.sort_by_key(|n| (n * 7919) % 401);
-    let publishes = order.iter().enumerate().map(|(index, n)| {
-        let backend = if index % 2 == 0 { &a } else { &b };
-        backend.publish(update("env", f64::from(*n) + 0.25))
-    });
-    for result in futures_util::future::join_all(publishes).await {
-        result.unwrap();
-    }
+    scenarios::concurrent_publishes_from_two_instances_keep_the_newest(&redis_config(&redis)).await;
     assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "400.25");
-    let key = EnvironmentKey::parse("env").unwrap();
-    for hub in [&hub_a, &hub_b] {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while hub.latest(&key).map(UpdatedAt::as_secs_f64) != Some(400.25) {
-            assert!(Instant::now() < deadline, "an instance missed the newest");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    a.close().await;
-    b.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

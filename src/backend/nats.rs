@@ -1,7 +1,9 @@
 //! The NATS JetStream backend.
 //!
 //! Every environment is a subject `flagsmith.environment.<key>` in one stream that keeps the
-//! last message per subject for the retention window. Publishing waits for the JetStream ack.
+//! last message per subject for the retention window. Publishing is a compare-and-set on the
+//! subject's last sequence, so that the stream holds the newest `updated_at` rather than the
+//! last written, and waits for the JetStream ack.
 //!
 //! Each instance reads the stream through exactly one ordered consumer, whatever its number of
 //! subscribers: it starts with the last message of every subject and then follows new ones,
@@ -14,6 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
@@ -47,6 +51,8 @@ pub struct NatsBackend {
     client: async_nats::Client,
     hub: Arc<Hub>,
     jetstream: jetstream::Context,
+    /// The stream, for reading an environment's stored update before replacing it.
+    stream: stream::Stream<()>,
     /// True once the consumer has delivered every update that existed when it started.
     synced: watch::Receiver<bool>,
     stop: CancellationToken,
@@ -66,6 +72,11 @@ pub enum NatsError {
     Credentials {
         path: std::path::PathBuf,
         source: std::io::Error,
+    },
+    #[error("cannot use JetStream stream {name:?}: {source}")]
+    Stream {
+        name: String,
+        source: jetstream::context::GetStreamError,
     },
 }
 
@@ -116,6 +127,14 @@ impl NatsBackend {
                 source,
             })?;
         let jetstream = jetstream::new(client.clone());
+        // Validated with the configuration; this makes no request.
+        let stream = jetstream
+            .get_stream_no_info(&config.stream)
+            .await
+            .map_err(|source| NatsError::Stream {
+                name: config.stream.clone(),
+                source,
+            })?;
         let (synced_tx, synced) = watch::channel(false);
         let stop = CancellationToken::new();
         let follower = Follower {
@@ -132,12 +151,49 @@ impl NatsBackend {
             client,
             hub,
             jetstream,
+            stream,
             synced,
             stop,
             follower: tokio::sync::Mutex::new(Some(task)),
             servers: redact_url(&config.url),
             metrics,
         })
+    }
+}
+
+/// What the stream holds for an environment, compared with an update to store.
+enum Stored {
+    /// The same update or a newer one: storing this one would change nothing, or go back.
+    Newer {
+        updated_at: UpdatedAt,
+        stored_at: SystemTime,
+    },
+    /// An older update at this sequence, or none (sequence 0), or one that cannot be read.
+    Older { sequence: u64 },
+}
+
+impl NatsBackend {
+    async fn stored_for(&self, subject: &str, update: &Update) -> Result<Stored, BackendError> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => match UpdatedAt::from_body(&message.payload) {
+                Ok(stored) if stored >= update.updated_at => Ok(Stored::Newer {
+                    updated_at: stored,
+                    stored_at: SystemTime::from(message.time),
+                }),
+                _ => Ok(Stored::Older {
+                    sequence: message.sequence,
+                }),
+            },
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                Ok(Stored::Older { sequence: 0 })
+            }
+            Err(err) => {
+                self.metrics.publish.inc();
+                Err(BackendError::NotAcknowledged(format!(
+                    "cannot read the stored update: {err}"
+                )))
+            }
+        }
     }
 }
 
@@ -193,22 +249,53 @@ impl Backend for NatsBackend {
                 self.metrics.publish.inc();
                 return Err(BackendError::Unavailable("not connected to NATS".into()));
             }
-            let message = PublishMessage::build()
-                .payload(update.payload().into())
-                .message_id(update.message_id());
             let subject = format!("{SUBJECT_PREFIX}{}", update.key);
-            let ack = self
-                .jetstream
-                .send_publish(subject, message)
-                .await
-                .map_err(|err| {
-                    self.metrics.publish.inc();
-                    BackendError::NotAcknowledged(err.to_string())
-                })?;
-            ack.await.map_err(|err| {
-                self.metrics.ack.inc();
-                BackendError::NotAcknowledged(err.to_string())
-            })?;
+            // Compare and set: the stream keeps one message per subject, so a plain publish of
+            // an older update (a retried task, another instance) would replace a newer one,
+            // and instances started later would serve it. Each attempt expects the subject's
+            // last sequence as read; another write in between fails it, and it reads again.
+            // Every retry follows a write of another update, so this ends; the caller's
+            // publish_timeout bounds it.
+            loop {
+                let expected = match self.stored_for(&subject, &update).await? {
+                    Stored::Newer {
+                        updated_at,
+                        stored_at,
+                    } => {
+                        // As for a stored update: a subscriber arriving after the 200 gets
+                        // the newest first, without waiting for the consumer.
+                        let stored = Update {
+                            key: update.key,
+                            updated_at,
+                        };
+                        self.hub.apply(&stored, stored_at);
+                        return Ok(());
+                    }
+                    Stored::Older { sequence } => sequence,
+                };
+                let message = PublishMessage::build()
+                    .payload(update.payload().into())
+                    .message_id(update.message_id())
+                    .expected_last_subject_sequence(expected);
+                let ack = self
+                    .jetstream
+                    .send_publish(subject.clone(), message)
+                    .await
+                    .map_err(|err| {
+                        self.metrics.publish.inc();
+                        BackendError::NotAcknowledged(err.to_string())
+                    })?;
+                match ack.await {
+                    Ok(_) => break,
+                    Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                        self.metrics.publish_conflicts.inc();
+                    }
+                    Err(err) => {
+                        self.metrics.ack.inc();
+                        return Err(BackendError::NotAcknowledged(err.to_string()));
+                    }
+                }
+            }
             // Stored: local subscribers need not wait for the consumer to bring it back, and
             // when it does, the same timestamp is not newer and changes nothing.
             self.hub.apply(&update, SystemTime::now());

@@ -1,11 +1,86 @@
 //! What every backend that joins instances must do, whatever it is built on; `tests/nats.rs`
 //! and `tests/redis.rs` run each scenario against their real server.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flagsmith_sse::Config;
+use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
+use flagsmith_sse::hub::Hub;
+use flagsmith_sse::metrics::Metrics;
 
-use super::{Proxy, Service, TOKEN, body_at, event};
+use super::{Proxy, Service, TOKEN, body_at, event, seconds};
+
+/// An older update published after a newer one, through another instance, is accepted (a
+/// newer one is stored) and changes nothing: no event, and a new instance sends the newer.
+pub async fn an_older_timestamp_published_after_a_newer_one_changes_nothing(config: &Config) {
+    let mut config = config.clone();
+    config.keepalive_interval = seconds(0.3);
+    let a = Service::start_ready(config.clone()).await;
+    let b = Service::start_ready(config.clone()).await;
+    let mut on_a = a.subscribe("env").await;
+    let mut on_b = b.subscribe("env").await;
+
+    assert_eq!(a.publish("env", &body_at(5.5)).await.0, 200);
+    assert_eq!(on_a.next_event().await, event("5.5"));
+    assert_eq!(on_b.next_event().await, event("5.5"));
+    // Older, through the other instance: accepted (it is stored: a newer one is), no event.
+    assert_eq!(b.publish("env", &body_at(3.5)).await.0, 200);
+    // Retries of the newest: one event in all, already sent.
+    assert_eq!(a.publish("env", &body_at(5.5)).await.0, 200);
+    assert_eq!(b.publish("env", &body_at(5.5)).await.0, 200);
+    assert_eq!(on_a.next_data().await, b": ping\n\n");
+    assert_eq!(on_b.next_data().await, b": ping\n\n");
+    let c = Service::start_ready(config).await;
+    assert_eq!(c.subscribe("env").await.next_event().await, event("5.5"));
+}
+
+/// 400 updates of one environment, in a shuffled order, published at once through two
+/// instances straight to their backends (skipping the HTTP layer's "already known" shortcut,
+/// as a retried task or an instance that has not heard of the newest yet would): every publish
+/// succeeds, both instances end with the newest, and so does an instance started afterwards,
+/// whose first event is the newest. The caller then checks what its store holds: 400.25.
+pub async fn concurrent_publishes_from_two_instances_keep_the_newest(config: &Config) {
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let start = || async {
+        let metrics = Metrics::new(config.backend.name());
+        let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
+        let backend = flagsmith_sse::backend::start(config, hub.clone(), &metrics, &log)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), backend.ready())
+            .await
+            .expect("the backend becomes ready");
+        (backend, hub)
+    };
+    let (a, hub_a) = start().await;
+    let (b, hub_b) = start().await;
+    let update = |seconds: f64| Update {
+        key: EnvironmentKey::parse("env").unwrap(),
+        updated_at: UpdatedAt::from_unix_seconds(seconds).unwrap(),
+    };
+    let mut order: Vec<u32> = (1..=400).collect();
+    order.sort_by_key(|n| (n * 7919) % 401);
+    let publishes = order.iter().enumerate().map(|(index, n)| {
+        let backend = if index % 2 == 0 { &a } else { &b };
+        backend.publish(update(f64::from(*n) + 0.25))
+    });
+    for result in futures_util::future::join_all(publishes).await {
+        result.unwrap();
+    }
+    let key = EnvironmentKey::parse("env").unwrap();
+    for hub in [&hub_a, &hub_b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hub.latest(&key).map(UpdatedAt::as_secs_f64) != Some(400.25) {
+            assert!(Instant::now() < deadline, "an instance missed the newest");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    a.close().await;
+    b.close().await;
+    let c = Service::start_ready(config.clone()).await;
+    assert_eq!(c.subscribe("env").await.next_event().await, event("400.25"));
+}
 
 /// A publish on one instance reaches subscribers on another and on itself; a subscriber
 /// arriving later gets the newest value first, and so does a new instance. Returns the
