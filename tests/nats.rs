@@ -134,6 +134,20 @@ async fn nats_restart_flips_readiness_and_updates_flow_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_publish_during_a_nats_restart_is_stored_once_it_is_back() {
+    let mut nats = NatsServer::start();
+    let config = nats_config(&nats);
+    scenarios::a_publish_during_a_restart_is_stored_once_the_backend_is_back(
+        &config,
+        |up| match up {
+            true => nats.restart(),
+            false => nats.stop(),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_nats_gets_503_before_flagsmiths_timeout() {
     let nats = NatsServer::start();
     scenarios::a_stalled_backend_gets_503_before_flagsmiths_timeout(&nats_config(&nats), || {

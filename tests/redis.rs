@@ -102,6 +102,20 @@ fn update(key: &str, seconds: f64) -> Update {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_publish_during_a_redis_restart_is_stored_once_it_is_back() {
+    let mut redis = RedisServer::start();
+    let config = redis_config(&redis);
+    scenarios::a_publish_during_a_restart_is_stored_once_the_backend_is_back(
+        &config,
+        |up| match up {
+            true => redis.restart(),
+            false => redis.stop(),
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_publishes_from_two_instances_keep_the_newest() {
     let redis = RedisServer::start();
     scenarios::concurrent_publishes_from_two_instances_keep_the_newest(&redis_config(&redis)).await;

@@ -44,6 +44,11 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// for over half a minute while it reported ready; with these it is 2 to 4 s. It costs an idle
 /// instance one pull request every 2 s and a heartbeat every second.
 const CONSUMER_PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// The longest pause between two attempts to reconnect. async-nats waits up to 4 s, doubling
+/// from 1 ms: after a two-second restart of NATS it could stay away for as long again, and a
+/// publish waiting for it within Flagsmith's 2 s would give up first. An attempt against a
+/// server that is down costs a refused connection.
+const RECONNECT_DELAY_MAX: Duration = Duration::from_millis(250);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -104,6 +109,7 @@ impl NatsBackend {
             .name("flagsmith-sse")
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .reconnect_delay_callback(reconnect_delay)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let events = events.clone();
@@ -531,6 +537,16 @@ fn parse_message(subject: &str, payload: &[u8]) -> Result<Update, String> {
     Ok(Update { key, updated_at })
 }
 
+/// The pause before reconnection attempt `attempts`: none for the first, then doubling from
+/// 2 ms up to [`RECONNECT_DELAY_MAX`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let doublings = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        _ => Duration::from_millis(2_u64.saturating_pow(doublings)).min(RECONNECT_DELAY_MAX),
+    }
+}
+
 /// `nats://user:secret@host` → `nats://user:***@host`, for logs and status lines.
 pub fn redact_url(urls: &str) -> String {
     urls.split(',')
@@ -555,6 +571,15 @@ mod tests {
             "nats://***@a:4222,tls://***@b"
         );
         assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
+    }
+
+    #[test]
+    fn reconnection_attempts_are_never_far_apart() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(2));
+        assert_eq!(reconnect_delay(5), Duration::from_millis(16));
+        assert_eq!(reconnect_delay(9), RECONNECT_DELAY_MAX);
+        assert_eq!(reconnect_delay(usize::MAX), RECONNECT_DELAY_MAX);
     }
 
     #[test]

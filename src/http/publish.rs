@@ -1,7 +1,8 @@
 //! `POST /sse/environments/{key}/queue-change`: Flagsmith's task processor reports a change.
 //!
 //! `200` means the backend stored the update durably; the same update twice is one update.
-//! Flagsmith's client gives up after 2 s, so a slow backend is answered with `503` before then.
+//! Flagsmith's client gives up after 2 s, so a backend that cannot store it is tried again until
+//! `publish_timeout` (1.5 s), and then answered with `503`.
 //!
 //! Each request has an id, the caller's `X-Request-Id` or a new one, returned in the response
 //! and carried by its log lines; every refused request logs one warning.
@@ -27,6 +28,11 @@ pub const MAX_BODY_BYTES: usize = 4096;
 
 /// Request ids longer than this, from a proxy's `X-Request-Id`, are replaced by our own.
 const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Pauses between attempts to store an update the backend could not store: short at first,
+/// so a blip costs little, then at most this, so an outage costs the backend little.
+const STORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(20);
+const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub fn route(
     state: Arc<State>,
@@ -169,22 +175,55 @@ async fn accept(
         debug!(log, "update already known"; "env" => %update.key, "updated_at" => %update.updated_at);
         return Ok((update, Outcome::Duplicate));
     }
-    match tokio::time::timeout(state.publish_timeout, state.backend.publish(update.clone())).await {
-        Ok(Ok(())) => {
-            debug!(log, "update stored"; "env" => %update.key, "updated_at" => %update.updated_at);
-            Ok((update, Outcome::Stored))
+    store(update, state, log).await
+}
+
+/// Stores `update`, trying again while the backend cannot, until `publish_timeout` is over.
+///
+/// Flagsmith's task processor tries a failed publish again only at its next poll (500 ms
+/// later, whatever `Retry-After` says), three times in all, then drops the update: a broker
+/// restart or a new stream leader can outlast all three if each is answered `503` at once.
+/// Riding the outage out here, within the budget Flagsmith's 2 s timeout leaves, turns most of
+/// them into a late `200`. Backends answer at once when they cannot store, so every attempt is
+/// short and the last one's reason is what the log gets.
+async fn store(
+    update: Update,
+    state: &State,
+    log: &slog::Logger,
+) -> Result<(Update, Outcome), Failure> {
+    let deadline = tokio::time::Instant::now() + state.publish_timeout;
+    let mut delay = STORE_RETRY_MIN;
+    let mut attempts = 0_u32;
+    loop {
+        attempts += 1;
+        let cause = match tokio::time::timeout_at(deadline, state.backend.publish(update.clone()))
+            .await
+        {
+            Ok(Ok(())) => {
+                debug!(log, "update stored";
+                    "env" => %update.key, "updated_at" => %update.updated_at, "attempts" => attempts);
+                return Ok((update, Outcome::Stored));
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => {
+                return Err(Failure {
+                    error: ApiError::PublishTimeout,
+                    cause: Some(format!(
+                        "no answer from the backend within {} ms ({attempts} attempts)",
+                        state.publish_timeout.as_millis()
+                    )),
+                });
+            }
+        };
+        if tokio::time::Instant::now() + delay >= deadline {
+            return Err(Failure {
+                error: ApiError::Unavailable("The update could not be stored; retry later."),
+                cause: Some(format!("{cause} ({attempts} attempts)")),
+            });
         }
-        Ok(Err(err)) => Err(Failure {
-            error: ApiError::Unavailable("The update could not be stored; retry later."),
-            cause: Some(err.to_string()),
-        }),
-        Err(_) => Err(Failure {
-            error: ApiError::PublishTimeout,
-            cause: Some(format!(
-                "no answer from the backend within {} ms",
-                state.publish_timeout.as_millis()
-            )),
-        }),
+        debug!(log, "update not stored, trying again"; "env" => %update.key, "error" => cause);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(STORE_RETRY_MAX);
     }
 }
 

@@ -155,6 +155,30 @@ pub async fn backend_restart_flips_readiness_and_updates_flow_again(
     assert_eq!(other_on_a.next_event().await, event("4.5"));
 }
 
+/// Flagsmith tries a failed publish again only at its next poll, three times in all. A publish
+/// that arrives while the backend restarts waits for it, within `publish_timeout`, and is
+/// stored: a `200` inside Flagsmith's 2 s, not a `503` at once.
+pub async fn a_publish_during_a_restart_is_stored_once_the_backend_is_back(
+    config: &Config,
+    mut set_up: impl FnMut(bool),
+) {
+    let a = Service::start_ready(config.clone()).await;
+    let mut on_a = a.subscribe("env").await;
+    set_up(false);
+    a.wait_ready(false).await;
+    let started = Instant::now();
+    let addr = a.addr;
+    let publish =
+        tokio::spawn(async move { super::publish(addr, "env", &body_at(5.5), Some(TOKEN)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    set_up(true);
+    let (status, body) = publish.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert_eq!(on_a.next_event().await, event("5.5"));
+}
+
 /// A backend that stops answering (`freeze()`) gets a publish `503` before Flagsmith's 2 s
 /// timeout. Returns the instance, the backend still frozen.
 pub async fn a_stalled_backend_gets_503_before_flagsmiths_timeout(
