@@ -11,8 +11,9 @@
 //! from the last stream sequence it delivered, so the newest value of an environment is never
 //! skipped: with one message per subject, the newest one is always at or after that sequence.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
@@ -58,6 +59,7 @@ pub struct NatsBackend {
     jetstream: jetstream::Context,
     /// The stream, for reading an environment's stored update before replacing it.
     stream: stream::Stream<()>,
+    last_stored: Arc<LastStored>,
     /// True once the consumer has delivered every update that existed when it started.
     synced: watch::Receiver<bool>,
     stop: CancellationToken,
@@ -143,8 +145,10 @@ impl NatsBackend {
             })?;
         let (synced_tx, synced) = watch::channel(false);
         let stop = CancellationToken::new();
+        let last_stored = Arc::new(LastStored::default());
         let follower = Follower {
             jetstream: jetstream.clone(),
+            last_stored: last_stored.clone(),
             stream_config: stream_config(config, hub.retention()),
             hub: hub.clone(),
             synced: synced_tx,
@@ -158,12 +162,56 @@ impl NatsBackend {
             hub,
             jetstream,
             stream,
+            last_stored,
             synced,
             stop,
             follower: tokio::sync::Mutex::new(Some(task)),
             servers: redact_url(&config.url),
             metrics,
         })
+    }
+}
+
+/// What this instance last saw stored for each environment: the update and its stream
+/// sequence, from its own publishes' acks and from its consumer. A publish expects that
+/// sequence, so that storing an update usually takes one round trip; when another update was
+/// stored since, JetStream refuses the expectation and the publish reads the stream instead.
+/// One entry per environment stored while this instance ran, a few dozen bytes each.
+#[derive(Default)]
+struct LastStored(Mutex<HashMap<EnvironmentKey, (UpdatedAt, u64)>>);
+
+impl LastStored {
+    fn get(&self, key: &EnvironmentKey) -> Option<(UpdatedAt, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|err| err.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    /// Keeps the later of what is known and `sequence`: the consumer may deliver a message
+    /// after the ack of a newer one.
+    fn record(&self, update: &Update, sequence: u64) {
+        let mut known = self.0.lock().unwrap_or_else(|err| err.into_inner());
+        match known.get_mut(&update.key) {
+            Some(entry) if entry.1 >= sequence => {}
+            Some(entry) => *entry = (update.updated_at, sequence),
+            None => {
+                known.insert(update.key.clone(), (update.updated_at, sequence));
+            }
+        }
+    }
+
+    fn forget(&self, key: &EnvironmentKey) {
+        self.0
+            .lock()
+            .unwrap_or_else(|err| err.into_inner())
+            .remove(key);
+    }
+
+    /// After the stream was recreated, whose sequences start again.
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|err| err.into_inner()).clear();
     }
 }
 
@@ -259,25 +307,32 @@ impl Backend for NatsBackend {
             // Compare and set: the stream keeps one message per subject, so a plain publish of
             // an older update (a retried task, another instance) would replace a newer one,
             // and instances started later would serve it. Each attempt expects the subject's
-            // last sequence as read; another write in between fails it, and it reads again.
-            // Every retry follows a write of another update, so this ends; the caller's
-            // publish_timeout bounds it.
+            // last sequence, as last seen here or else as read; another write in between fails
+            // it, and it reads again. Every retry follows a write of another update, so this
+            // ends; the caller's publish_timeout bounds it.
+            let mut last_seen = self.last_stored.get(&update.key);
             loop {
-                let expected = match self.stored_for(&subject, &update).await? {
-                    Stored::Newer {
-                        updated_at,
-                        stored_at,
-                    } => {
-                        // As for a stored update: a subscriber arriving after the 200 gets
-                        // the newest first, without waiting for the consumer.
-                        let stored = Update {
-                            key: update.key,
+                let expected = match last_seen.take() {
+                    // Stored values only grow, so the stream holds this one or a newer one, and
+                    // the hub got it when it was seen.
+                    Some((stored, _)) if stored >= update.updated_at => return Ok(()),
+                    Some((_, sequence)) => sequence,
+                    None => match self.stored_for(&subject, &update).await? {
+                        Stored::Newer {
                             updated_at,
-                        };
-                        self.hub.apply(&stored, stored_at);
-                        return Ok(());
-                    }
-                    Stored::Older { sequence } => sequence,
+                            stored_at,
+                        } => {
+                            // As for a stored update: a subscriber arriving after the 200 gets
+                            // the newest first, without waiting for the consumer.
+                            let stored = Update {
+                                key: update.key,
+                                updated_at,
+                            };
+                            self.hub.apply(&stored, stored_at);
+                            return Ok(());
+                        }
+                        Stored::Older { sequence } => sequence,
+                    },
                 };
                 let message = PublishMessage::build()
                     .payload(update.payload().into())
@@ -292,9 +347,13 @@ impl Backend for NatsBackend {
                         BackendError::NotAcknowledged(err.to_string())
                     })?;
                 match ack.await {
-                    Ok(_) => break,
+                    Ok(ack) => {
+                        self.last_stored.record(&update, ack.sequence);
+                        break;
+                    }
                     Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
                         self.metrics.publish_conflicts.inc();
+                        self.last_stored.forget(&update.key);
                     }
                     Err(err) => {
                         self.metrics.ack.inc();
@@ -359,6 +418,7 @@ fn stream_config(config: &NatsConfig, retention: Duration) -> stream::Config {
 /// Reads the stream into the hub through one ordered consumer, for the life of the backend.
 struct Follower {
     jetstream: jetstream::Context,
+    last_stored: Arc<LastStored>,
     stream_config: stream::Config,
     hub: Arc<Hub>,
     synced: watch::Sender<bool>,
@@ -423,6 +483,7 @@ impl Follower {
         {
             warn!(self.log, "stream was reset; reloading"; "last_seen" => seen, "stream_last" => info.state.last_sequence);
             *last_sequence = None;
+            self.last_stored.clear();
         }
         let deliver_policy = match *last_sequence {
             None => consumer::DeliverPolicy::LastPerSubject,
@@ -503,6 +564,7 @@ impl Follower {
             let stored_at = SystemTime::from(info.published);
             match parse_message(&message.subject, &message.payload) {
                 Ok(update) => {
+                    self.last_stored.record(&update, info.stream_sequence);
                     if self.hub.apply(&update, stored_at) {
                         debug!(self.log, "update"; "env" => %update.key, "updated_at" => %update.updated_at);
                     }
