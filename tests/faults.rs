@@ -851,6 +851,28 @@ impl Drop for NatsCluster {
     }
 }
 
+/// The newest update wins on a cluster too, where the stream's leader orders the writes of
+/// instances connected to different nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_cluster_keeps_the_newest_of_concurrent_publishes() {
+    let _machine = ONE_AT_A_TIME.lock().await;
+    let cluster = NatsCluster::start();
+    let mut config = common::test_config();
+    config.backend = flagsmith_sse::config::BackendKind::Nats;
+    config.nats.url = (0..3)
+        .map(|node| cluster.url(node))
+        .collect::<Vec<_>>()
+        .join(",");
+    config.nats.replicas = 3;
+    common::scenarios::concurrent_publishes_from_two_instances_keep_the_newest(&config).await;
+    for node in 0..3 {
+        assert_eq!(
+            common::stored_payload(&cluster.url(node), "env").await,
+            r#"{"updated_at": 400.25}"#
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nats_cluster_losing_the_stream_leader_loses_no_acknowledged_update() {
     let _machine = ONE_AT_A_TIME.lock().await;

@@ -34,26 +34,15 @@ async fn retries_of_the_same_update_produce_one_event() {
     assert_eq!(on_b.next_data().await, b": ping\n\n");
 }
 
-/// The stream keeps one message per environment: the newest, not the last written.
-async fn stored_payload(nats: &NatsServer, key: &str) -> String {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let stream = async_nats::jetstream::new(client)
-        .get_stream("environments-stream")
-        .await
-        .unwrap();
-    let stored = stream
-        .get_last_raw_message_by_subject(&format!("flagsmith.environment.{key}"))
-        .await
-        .unwrap();
-    String::from_utf8(stored.payload.to_vec()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_timestamp_published_after_a_newer_one_changes_nothing() {
     let nats = NatsServer::start();
     scenarios::an_older_timestamp_published_after_a_newer_one_changes_nothing(&nats_config(&nats))
         .await;
-    assert_eq!(stored_payload(&nats, "env").await, r#"{"updated_at": 5.5}"#);
+    assert_eq!(
+        common::stored_payload(&nats.url(), "env").await,
+        r#"{"updated_at": 5.5}"#
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -61,7 +50,7 @@ async fn concurrent_publishes_from_two_instances_keep_the_newest() {
     let nats = NatsServer::start();
     scenarios::concurrent_publishes_from_two_instances_keep_the_newest(&nats_config(&nats)).await;
     assert_eq!(
-        stored_payload(&nats, "env").await,
+        common::stored_payload(&nats.url(), "env").await,
         r#"{"updated_at": 400.25}"#
     );
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use futures_util::StreamExt;
@@ -127,8 +127,10 @@ impl NatsBackend {
                         source,
                     })?;
         }
+        // async-nats reads a string as one URL: a cluster's list is given as several.
+        let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
         let client = options
-            .connect(config.url.as_str())
+            .connect(servers)
             .await
             .map_err(|source| NatsError::Connect {
                 url: redact_url(&config.url),
@@ -351,7 +353,7 @@ impl Backend for NatsBackend {
                         self.last_stored.record(&update, ack.sequence);
                         break;
                     }
-                    Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                    Err(err) if is_wrong_last_sequence(&err) => {
                         self.metrics.publish_conflicts.inc();
                         self.last_stored.forget(&update.key);
                     }
@@ -597,6 +599,18 @@ fn parse_message(subject: &str, payload: &[u8]) -> Result<Update, String> {
     let key = EnvironmentKey::parse(key).map_err(|err| err.to_string())?;
     let updated_at = UpdatedAt::from_body(payload).map_err(|err| err.to_string())?;
     Ok(Update { key, updated_at })
+}
+
+/// Whether JetStream refused a publish's expected last subject sequence: error 10071 from a
+/// single server, 10164 (the same refusal, worded without the sequence) from a clustered
+/// stream's leader, which async-nats 0.51 reports as `Other`.
+fn is_wrong_last_sequence(err: &PublishError) -> bool {
+    err.kind() == PublishErrorKind::WrongLastSequence
+        || std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<jetstream::Error>())
+            .is_some_and(|error| {
+                error.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            })
 }
 
 /// The pause before reconnection attempt `attempts`: none for the first, then doubling from

@@ -135,6 +135,21 @@ impl Drop for NatsServer {
 }
 
 /// Kills a server process (SIGKILL) and reaps it; nothing if it is not running.
+/// The payload the JetStream stream at `url` holds for environment `key`: one message per
+/// environment, which must be the newest, not the last written.
+pub async fn stored_payload(url: &str, key: &str) -> String {
+    let client = async_nats::connect(url).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("environments-stream")
+        .await
+        .unwrap();
+    let stored = stream
+        .get_last_raw_message_by_subject(&format!("flagsmith.environment.{key}"))
+        .await
+        .unwrap();
+    String::from_utf8(stored.payload.to_vec()).unwrap()
+}
+
 pub fn kill(child: &mut Option<Child>) {
     if let Some(mut child) = child.take() {
         let _ = child.kill();

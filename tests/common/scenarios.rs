@@ -48,7 +48,8 @@ pub async fn concurrent_publishes_from_two_instances_keep_the_newest(config: &Co
         let backend = flagsmith_sse::backend::start(config, hub.clone(), &metrics, &log)
             .await
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), backend.ready())
+        // A new NATS cluster elects its JetStream leader first: seconds.
+        tokio::time::timeout(Duration::from_secs(30), backend.ready())
             .await
             .expect("the backend becomes ready");
         (backend, hub)
