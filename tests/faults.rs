@@ -757,6 +757,178 @@ async fn backend_killed_under_traffic(
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Flagsmith's retry policy across broker outages
+
+/// Flagsmith's task processor as measured against the real API 2.265: each update is one
+/// `POST` with a 2 s timeout and no session; a failure or a non-2xx is tried again at the next
+/// poll (500 ms later, `Retry-After` ignored), three attempts in all, then dropped silently.
+const FLAGSMITH_TIMEOUT: Duration = Duration::from_secs(2);
+const FLAGSMITH_POLL: Duration = Duration::from_millis(500);
+const FLAGSMITH_ATTEMPTS: usize = 3;
+
+/// What became of one update sent the way Flagsmith sends it.
+struct Sent {
+    started: Instant,
+    /// The attempt that got a 2xx, from 1; `None`: Flagsmith dropped the update.
+    stored_at_attempt: Option<usize>,
+}
+
+async fn send_as_flagsmith(addr: SocketAddr, key: String, updated_at: f64) -> Sent {
+    let started = Instant::now();
+    for attempt in 1..=FLAGSMITH_ATTEMPTS {
+        // A new client per attempt: the task processor keeps no session.
+        let client = reqwest::Client::builder()
+            .timeout(FLAGSMITH_TIMEOUT)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let stored = client
+            .post(format!("http://{addr}/sse/environments/{key}/queue-change"))
+            .header("authorization", format!("Token {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(body_at(updated_at))
+            .send()
+            .await
+            .is_ok_and(|response| response.status().is_success());
+        if stored {
+            return Sent {
+                started,
+                stored_at_attempt: Some(attempt),
+            };
+        }
+        if attempt < FLAGSMITH_ATTEMPTS {
+            tokio::time::sleep(FLAGSMITH_POLL).await;
+        }
+    }
+    Sent {
+        started,
+        stored_at_attempt: None,
+    }
+}
+
+/// A new update every 100 ms, each sent as Flagsmith sends it, while `fault` runs; returns
+/// what became of each, once all are done.
+async fn flagsmith_updates_during(
+    addr: SocketAddr,
+    fault: impl std::future::Future<Output = ()>,
+) -> Vec<Sent> {
+    let stop = CancellationToken::new();
+    let sender = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sends = tokio::task::JoinSet::new();
+            let mut updated_at = 1_750_000_000.0;
+            let keys = environments(5);
+            for turn in 0.. {
+                if stop.is_cancelled() {
+                    break;
+                }
+                updated_at += 0.5;
+                sends.spawn(send_as_flagsmith(
+                    addr,
+                    keys[turn % keys.len()].clone(),
+                    updated_at,
+                ));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            sends.join_all().await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fault.await;
+    stop.cancel();
+    sender.await.unwrap()
+}
+
+fn flagsmith_figures(sent: &[Sent], fault_started: Instant) -> serde_json::Value {
+    let mut by_attempt = BTreeMap::new();
+    for send in sent {
+        let outcome = send.stored_at_attempt.map_or_else(
+            || "dropped".to_owned(),
+            |attempt| format!("attempt_{attempt}"),
+        );
+        *by_attempt.entry(outcome).or_insert(0_usize) += 1;
+    }
+    let dropped: Vec<f64> = sent
+        .iter()
+        .filter(|send| send.stored_at_attempt.is_none())
+        .map(|send| send.started.duration_since(fault_started).as_secs_f64())
+        .collect();
+    json!({
+        "updates": sent.len(),
+        "stored_at": by_attempt,
+        "dropped_updates_started_after_fault_s": dropped,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flagsmith_loses_no_update_across_a_nats_restart() {
+    let _machine = ONE_AT_A_TIME.lock().await;
+    let mut nats = NatsServer::start();
+    let (_a, addr) = daemon(&[("NATS_URL", nats.url())]).await;
+    // A restart of nats-server takes about 2 s: the process stops, then a new one starts.
+    let outage = Duration::from_secs(2);
+    let mut fault_started = Instant::now();
+    let sent = flagsmith_updates_during(addr, async {
+        fault_started = Instant::now();
+        nats.stop();
+        tokio::time::sleep(outage).await;
+        nats.restart();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+    let figures = flagsmith_figures(&sent, fault_started);
+    report(
+        "flagsmith-retries-nats-restart",
+        json!({"outage_s": outage.as_secs_f64(), "flagsmith": figures}),
+    );
+    assert!(
+        sent.iter().all(|send| send.stored_at_attempt.is_some()),
+        "Flagsmith would have dropped updates: {figures}"
+    );
+    // Some were sent while NATS was away, and needed a second attempt or a late 200.
+    assert!(sent.len() > 40, "{figures}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flagsmith_across_a_nats_cluster_losing_the_stream_leader() {
+    let _machine = ONE_AT_A_TIME.lock().await;
+    let mut cluster = NatsCluster::start();
+    let urls = (0..3)
+        .map(|node| cluster.url(node))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (_a, addr) = daemon(&[
+        ("NATS_URL", urls),
+        ("FLAGSMITH_SSE_NATS__REPLICAS", "3".to_owned()),
+    ])
+    .await;
+    let moves = cluster.make_leader("environments-stream", 0).await;
+    let mut fault_started = Instant::now();
+    let sent = flagsmith_updates_during(addr, async {
+        fault_started = Instant::now();
+        cluster.kill(0);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+    })
+    .await;
+    let dropped = sent
+        .iter()
+        .filter(|send| send.stored_at_attempt.is_none())
+        .count();
+    // Not asserted to be none: the new leader's election can outlast Flagsmith's three
+    // attempts, about 6 s in all. The README reports the figures.
+    report(
+        "flagsmith-retries-nats-cluster",
+        json!({
+            "leader_moves_before_kill": moves,
+            "dropped": dropped,
+            "flagsmith": flagsmith_figures(&sent, fault_started),
+        }),
+    );
+    assert!(sent.iter().any(|send| send.stored_at_attempt.is_some()));
+}
+
 /// Three JetStream `nats-server` nodes clustered on loopback; killed on drop.
 struct NatsCluster {
     nodes: Vec<Option<std::process::Child>>,
