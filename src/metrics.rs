@@ -445,7 +445,7 @@ impl prometheus::core::Collector for ProcessMetrics {
 /// of `/proc/self/stat`, readable under `ProcSubset=pid`) after the boot time, which is now on
 /// the real-time clock less now on the boot-time clock.
 #[cfg(target_os = "linux")]
-pub fn process_start_time() -> Option<f64> {
+fn process_start_time() -> Option<f64> {
     use rustix::time::{ClockId, clock_gettime};
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The command name, in parentheses, may hold spaces and parentheses: count from after it.

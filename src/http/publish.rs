@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -31,8 +31,8 @@ const MAX_REQUEST_ID_BYTES: usize = 128;
 
 /// Pauses between attempts to store an update the backend could not store: short at first,
 /// so a blip costs little, then at most this, so an outage costs the backend little.
-const STORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(20);
-const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(200);
+const STORE_RETRY_MIN: Duration = Duration::from_millis(20);
+const STORE_RETRY_MAX: Duration = Duration::from_millis(200);
 
 pub fn route(
     state: Arc<State>,
