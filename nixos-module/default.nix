@@ -6,10 +6,11 @@ let
   cfg = config.services.flagsmith-sse;
   settingsFormat = pkgs.formats.toml { };
 
-  # Secrets reach the service as systemd credentials: LoadCredential copies each file into
-  # the unit's credentials directory (%d), readable by the service alone, and the daemon is
-  # pointed at the copy. Nothing secret enters the Nix store.
-  credentials = lib.filterAttrs (_: credential: credential.source != null) {
+  # The daemon reads each secret where it lies, as a member of secretsGroup, so that a reload
+  # re-reads a replaced file: LoadCredential would copy it once, when the service starts (as
+  # systemd 252 and 257 do). Nothing secret enters the Nix store.
+  secretsGroup = "flagsmith-sse-secrets";
+  secretFiles = lib.filterAttrs (_: secret: secret.source != null) {
     authentication_token = {
       source = cfg.authenticationTokenFile;
       variable = "FLAGSMITH_SSE_AUTHENTICATION_TOKEN_FILE";
@@ -35,17 +36,17 @@ let
       variable = "FLAGSMITH_SSE_REDIS__PASSWORD_FILE";
     };
   };
-  credentialEnvironment = directory:
-    lib.mapAttrs' (name: credential: lib.nameValuePair credential.variable "${directory}/${name}")
-      credentials;
+  secretEnvironment = lib.mapAttrs'
+    (_: secret: lib.nameValuePair secret.variable (toString secret.source))
+    secretFiles;
 
   configFile = settingsFormat.generate "flagsmith-sse.toml" cfg.settings;
-  # The daemon checks the configuration as it will run it, with the credential variables set;
+  # The daemon checks the configuration as it will run it, with the secret variables set;
   # --check-config reads no secret file, so this works at build time.
   checkedConfigFile = pkgs.runCommand "flagsmith-sse-config.toml"
     {
       nativeBuildInputs = [ cfg.package ];
-      env = credentialEnvironment "/run/credentials/flagsmith-sse.service";
+      env = secretEnvironment;
     } ''
     flagsmith-sse --config ${configFile} --check-config
     ln -s ${configFile} $out
@@ -60,8 +61,11 @@ let
       default = null;
       example = "/var/lib/acme/sse.example.com/fullchain.pem";
       description = ''
-        PEM certificate chain (leaf first) for TLS on the ${listener} listener, delivered to
-        the service with `LoadCredential`. Re-read on `systemctl reload flagsmith-sse`.
+        PEM certificate chain (leaf first) for TLS on the ${listener} listener, read by the
+        service as a member of group `${secretsGroup}` (or of
+        {option}`services.flagsmith-sse.supplementaryGroups`). Re-read on
+        `systemctl reload flagsmith-sse`: new handshakes get the new pair, open connections
+        keep theirs.
       '';
     };
     keyFile = mkOption {
@@ -69,8 +73,8 @@ let
       default = null;
       example = "/var/lib/acme/sse.example.com/key.pem";
       description = ''
-        PEM private key of {option}`certificateFile`, delivered with `LoadCredential`; never
-        a path in the Nix store.
+        PEM private key of {option}`certificateFile`, readable the same way; never a path in
+        the Nix store.
       '';
     };
   };
@@ -112,16 +116,28 @@ in
 
     authenticationTokenFile = mkOption {
       type = types.path;
-      example = "/run/keys/flagsmith-sse-token";
+      example = "/run/secrets/flagsmith-sse-token";
       description = ''
         File holding the token Flagsmith's task processor sends as
-        `Authorization: Token <token>`. Delivered with `LoadCredential`; rotate it by replacing
-        the file and running `systemctl reload flagsmith-sse`. Must not be in the Nix store.
+        `Authorization: Token <token>`. The service reads it as a member of group
+        `${secretsGroup}`: make it `root:${secretsGroup}`, mode `0640` (with sops-nix or agenix,
+        their `group` and `mode` options). Rotate it by replacing the file and running
+        `systemctl reload flagsmith-sse`. Must not be in the Nix store.
       '';
     };
 
     tls = tlsOptions "public";
     publishTls = tlsOptions "publish (`settings.publish_listen`)";
+
+    supplementaryGroups = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = literalExpression ''[ config.security.acme.certs."sse.example.com".group ]'';
+      description = ''
+        Further groups the service's dynamic user joins besides `${secretsGroup}`, to read
+        secret files owned by them: an ACME certificate shared with a web server, say.
+      '';
+    };
 
     openFirewall = mkOption {
       type = types.bool;
@@ -146,10 +162,11 @@ in
     redis.passwordFile = mkOption {
       type = types.nullOr types.path;
       default = null;
-      example = "/run/keys/flagsmith-sse-redis-password";
+      example = "/run/secrets/flagsmith-sse-redis-password";
       description = ''
-        File holding the password for `settings.backend = "redis"`, delivered with
-        `LoadCredential`; read when the service starts. Must not be in the Nix store.
+        File holding the password for `settings.backend = "redis"`, readable as the token is.
+        Re-read on `systemctl reload flagsmith-sse`, which reconnects with a changed password.
+        Must not be in the Nix store.
       '';
     };
   };
@@ -157,11 +174,11 @@ in
   config = mkIf cfg.enable {
     assertions =
       lib.mapAttrsToList
-        (name: credential: {
-          assertion = !isStorePath credential.source;
-          message = "services.flagsmith-sse: the file for the ${name} credential (${toString credential.source}) is in the Nix store, readable by every user; pass a path outside it.";
+        (name: secret: {
+          assertion = !isStorePath secret.source;
+          message = "services.flagsmith-sse: the ${name} file (${toString secret.source}) is in the Nix store, readable by every user; pass a path outside it.";
         })
-        credentials
+        secretFiles
       ++ lib.mapAttrsToList
         (option: tls: {
           assertion = (tls.certificateFile == null) == (tls.keyFile == null);
@@ -184,6 +201,8 @@ in
       settings.host = "127.0.0.1";
     };
 
+    users.groups.${secretsGroup} = { };
+
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ (portOf cfg.settings.listen) ];
 
     systemd.services.flagsmith-sse = {
@@ -194,16 +213,14 @@ in
       # let its restarts stop this unit.
       wants = [ "network-online.target" ] ++ lib.optional cfg.nats.createLocally "nats.service";
       after = [ "network-online.target" ] ++ lib.optional cfg.nats.createLocally "nats.service";
-      environment = credentialEnvironment "%d";
+      environment = secretEnvironment;
 
       serviceConfig = {
         Type = "notify";
         NotifyAccess = "main";
         ExecStart = "${lib.getExe cfg.package} --config ${checkedConfigFile}";
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-        LoadCredential = lib.mapAttrsToList
-          (name: credential: "${name}:${toString credential.source}")
-          credentials;
+        SupplementaryGroups = [ secretsGroup ] ++ cfg.supplementaryGroups;
         Restart = "on-failure";
         RestartSec = 2;
         WatchdogSec = 30;

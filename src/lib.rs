@@ -177,6 +177,13 @@ pub async fn run(
                     Ok(changed) => info!(log, "reloaded"; "token_changed" => changed),
                     Err(err) => warn!(log, "reload failed, keeping the current token"; "error" => %err),
                 }
+                match backend.reload().await {
+                    Ok(true) => info!(log, "reconnected the backend with its new password";
+                        "backend" => backend.describe()),
+                    Ok(false) => {}
+                    Err(err) => warn!(log, "backend reload failed, keeping the current connection";
+                        "error" => %err),
+                }
                 for (listener, certificate) in &certificates {
                     let log = log.new(slog::o!("listener" => *listener));
                     match certificate.reload() {

@@ -16,7 +16,7 @@ use flagsmith_sse::config::{
 const TOKEN: &str = "test-token";
 const TOKEN_ENV: (&str, &str) = ("FLAGSMITH_SSE_AUTHENTICATION_TOKEN", TOKEN);
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/flagsmith-sse.toml");
-const EXAMPLE_TOKEN_FILE: &str = "/run/credentials/flagsmith-sse.service/authentication_token";
+const EXAMPLE_TOKEN_FILE: &str = "/etc/flagsmith-sse/authentication_token";
 
 /// Runs `f` in a fresh directory with the environment holding exactly `env`: a variable
 /// inherited from the test runner (a stray `NATS_URL`, say) must not change the outcome.

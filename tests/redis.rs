@@ -233,6 +233,69 @@ async fn the_password_comes_from_a_file() {
     assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "1.5");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rotates_the_redis_password() {
+    let mut redis = RedisServer::start_with_password("first pass");
+    let password_file = redis.dir().join("password");
+    std::fs::write(&password_file, "first pass\n").unwrap();
+    let envs = [
+        ("SSE_AUTHENTICATION_TOKEN", "token".to_owned()),
+        ("REDIS_HOST", "127.0.0.1".to_owned()),
+        ("REDIS_PORT", redis.port.to_string()),
+        (
+            "FLAGSMITH_SSE_REDIS__PASSWORD_FILE",
+            password_file.display().to_string(),
+        ),
+    ];
+    let mut rotated = Daemon::spawn(&envs);
+    // Never reloaded: what the rotation would be without SIGHUP.
+    let mut stale = Daemon::spawn(&envs);
+    let (addr, stale_addr) = (rotated.listen_addr(), stale.listen_addr());
+    wait_readiness(addr, true).await;
+    wait_readiness(stale_addr, true).await;
+    let mut subscriber = SseClient::connect(addr, "/sse/environments/env/stream", &[]).await;
+
+    // A password Redis does not take: the reload says so and changes nothing.
+    std::fs::write(&password_file, "second pass\n").unwrap();
+    rotated.signal("HUP");
+    let refused = rotated.wait_log("backend reload failed, keeping the current connection");
+    assert!(
+        refused["error"].as_str().unwrap().contains("127.0.0.1"),
+        "{refused}"
+    );
+    assert_eq!(
+        publish(addr, "env", &body_at(1.5), Some("token")).await.0,
+        200
+    );
+    assert_eq!(subscriber.next_event().await, event("1.5"));
+
+    // As an operator rotates it: Redis first (logged-in connections stay), then the file.
+    redis.set_password("second pass");
+    rotated.signal("HUP");
+    rotated.wait_log("reconnected the backend with its new password");
+    // Every connection logged in with the old password is cut; only the new one logs in.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    wait_readiness(stale_addr, false).await;
+    assert_eq!(
+        publish(stale_addr, "env", &body_at(2.5), Some("token"))
+            .await
+            .0,
+        503
+    );
+    wait_readiness(addr, true).await;
+    assert_eq!(
+        publish(addr, "env", &body_at(3.5), Some("token")).await.0,
+        200
+    );
+    assert_eq!(subscriber.next_event().await, event("3.5"));
+    assert_eq!(redis.cli(&["HGET", UPDATED_AT, "env"]), "3.5");
+    for daemon in [&mut rotated, &mut stale] {
+        daemon.signal("TERM");
+        assert_eq!(daemon.wait_exit(Duration::from_secs(25)).0, Some(0));
+    }
+}
+
 #[tokio::test]
 async fn unreadable_secrets_and_certificates_stop_start_up_with_their_path() {
     let dir = tempfile::tempdir().unwrap();

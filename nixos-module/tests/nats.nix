@@ -1,5 +1,6 @@
 # The module with its local JetStream NATS: the unit becomes ready, a subscriber sees an
-# update published with the token from the credential, and reload and restart behave.
+# update published with the token, a token replaced and reloaded is taken while a stream stays
+# open, and restart behaves.
 { self, pkgs }:
 
 pkgs.testers.runNixOSTest {
@@ -8,12 +9,16 @@ pkgs.testers.runNixOSTest {
   nodes.machine = { pkgs, ... }: {
     imports = [ self.nixosModules.default ];
 
-    # A real deployment gets the token from a secret manager; it must not be in the store.
-    systemd.tmpfiles.rules = [ "f /run/keys/flagsmith-sse-token 0400 root root - vm-test-token" ];
+    # A real deployment gets the token from a secret manager (sops-nix writes to /run/secrets);
+    # it must not be in the store, and the module's group reads it.
+    systemd.tmpfiles.rules = [
+      "d /run/secrets 0751 root root -"
+      "f /run/secrets/flagsmith-sse-token 0440 root flagsmith-sse-secrets - vm-test-token"
+    ];
 
     services.flagsmith-sse = {
       enable = true;
-      authenticationTokenFile = "/run/keys/flagsmith-sse-token";
+      authenticationTokenFile = "/run/secrets/flagsmith-sse-token";
       settings.max_stream_age = 0;
     };
 
@@ -34,8 +39,7 @@ pkgs.testers.runNixOSTest {
     )
     machine.wait_until_succeeds("systemctl is-active subscriber.service")
 
-    token = machine.succeed("cat /run/credentials/flagsmith-sse.service/authentication_token").strip()
-    assert token == "vm-test-token", token
+    token = "vm-test-token"
     machine.succeed(
         f"curl -sf -X POST -H 'Authorization: Token {token}' "
         + f"""-d '{{"updated_at": 1700000000.5}}' {queue_change}"""
@@ -47,8 +51,19 @@ pkgs.testers.runNixOSTest {
     assert 'flagsmith_sse_publish_requests_total{outcome="stored"} 1' in metrics, metrics
     assert 'flagsmith_sse_backend_ready{backend="nats"} 1' in metrics, metrics
 
-    # Reload re-reads the credential (RELOADING=1, then READY=1) without dropping streams.
+    # Rotation: the file replaced as a secret manager does, then a reload (RELOADING=1, then
+    # READY=1). The new token is taken, the old one refused, and the stream stays open.
+    machine.succeed(
+        "printf rotated-token | install -m 0440 -g flagsmith-sse-secrets /dev/stdin "
+        + "/run/secrets/flagsmith-sse-token"
+    )
     machine.succeed("systemctl reload flagsmith-sse.service")
+    machine.fail(f"curl -sf -X POST -H 'Authorization: Token {token}' -d '{{}}' {queue_change}")
+    machine.succeed(
+        "curl -sf -X POST -H 'Authorization: Token rotated-token' "
+        + f"""-d '{{"updated_at": 1700000001.5}}' {queue_change}"""
+    )
+    machine.wait_until_succeeds("grep -q '^data: {\"updated_at\": 1700000001.5}$' /tmp/events")
     machine.succeed("systemctl is-active subscriber.service")
 
     # The hardened unit: no capabilities, a dynamic user, a high open-files limit.

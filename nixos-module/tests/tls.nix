@@ -1,5 +1,6 @@
 # TLS and HTTP/2 through the module: a client machine subscribes over HTTP/2 with TLS through
-# the opened firewall; publishing works only on the internal publish listener.
+# the opened firewall; publishing works only on the internal publish listener; a renewed
+# certificate is served after a reload while the open stream stays.
 { self, pkgs }:
 
 let
@@ -7,9 +8,11 @@ let
   certificates = pkgs.runCommand "flagsmith-sse-test-certificates"
     { nativeBuildInputs = [ pkgs.openssl ]; } ''
     mkdir $out
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
-      -subj /CN=server -addext subjectAltName=DNS:server \
-      -keyout $out/key.pem -out $out/cert.pem
+    for name in first renewed; do
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+        -subj /CN=server -addext subjectAltName=DNS:server \
+        -keyout $out/$name-key.pem -out $out/$name-cert.pem
+    done
   '';
 in
 pkgs.testers.runNixOSTest {
@@ -19,19 +22,21 @@ pkgs.testers.runNixOSTest {
     imports = [ self.nixosModules.default ];
     environment.systemPackages = [ pkgs.curl ];
 
-    # Copied out of the store at boot, as a secret manager would place them.
+    # Copied out of the store at boot, as a secret manager or ACME would place them, readable
+    # by the module's group.
     systemd.tmpfiles.rules = [
-      "f /run/keys/flagsmith-sse-token 0400 root root - vm-test-token"
-      "C /run/keys/tls-cert.pem 0400 root root - ${certificates}/cert.pem"
-      "C /run/keys/tls-key.pem 0400 root root - ${certificates}/key.pem"
+      "d /var/lib/sse-secrets 0750 root flagsmith-sse-secrets -"
+      "f /var/lib/sse-secrets/token 0440 root flagsmith-sse-secrets - vm-test-token"
+      "C /var/lib/sse-secrets/cert.pem 0440 root flagsmith-sse-secrets - ${certificates}/first-cert.pem"
+      "C /var/lib/sse-secrets/key.pem 0440 root flagsmith-sse-secrets - ${certificates}/first-key.pem"
     ];
 
     services.flagsmith-sse = {
       enable = true;
       openFirewall = true;
-      authenticationTokenFile = "/run/keys/flagsmith-sse-token";
-      tls.certificateFile = "/run/keys/tls-cert.pem";
-      tls.keyFile = "/run/keys/tls-key.pem";
+      authenticationTokenFile = "/var/lib/sse-secrets/token";
+      tls.certificateFile = "/var/lib/sse-secrets/cert.pem";
+      tls.keyFile = "/var/lib/sse-secrets/key.pem";
       settings = {
         listen = "0.0.0.0:8443";
         publish_listen = "127.0.0.1:8089";
@@ -42,7 +47,8 @@ pkgs.testers.runNixOSTest {
 
   nodes.client = { pkgs, ... }: {
     environment.systemPackages = [ pkgs.curl ];
-    environment.etc."flagsmith-sse-test-ca.pem".source = "${certificates}/cert.pem";
+    environment.etc."flagsmith-sse-test-ca.pem".source = "${certificates}/first-cert.pem";
+    environment.etc."flagsmith-sse-renewed-ca.pem".source = "${certificates}/renewed-cert.pem";
   };
 
   testScript = ''
@@ -79,8 +85,24 @@ pkgs.testers.runNixOSTest {
     # The publish listener is not reachable from outside.
     client.fail("curl -s --max-time 3 http://server:8089/readyz")
 
-    # A certificate reload keeps the open stream.
+    # Renewal, as security.acme.certs.<name>.reloadServices does it: the pair replaced, then a
+    # reload. New handshakes get the renewed certificate; the open stream stays and gets the
+    # next update.
+    renewed = "--cacert /etc/flagsmith-sse-renewed-ca.pem https://server:8443/readyz"
+    client.fail(f"curl -sf {renewed}")
+    for name in ["cert", "key"]:
+        server.succeed(
+            f"install -m 0440 -g flagsmith-sse-secrets ${certificates}/renewed-{name}.pem "
+            + f"/var/lib/sse-secrets/{name}.pem"
+        )
     server.succeed("systemctl reload flagsmith-sse.service")
+    client.succeed(f"curl -sf {renewed}")
+    server.succeed(
+        "curl -sf -X POST -H 'Authorization: Token vm-test-token' "
+        + """-d '{"updated_at": "2024-12-27T17:27:07.123456+00:00"}' """
+        + "http://127.0.0.1:8089/sse/environments/vm-environment/queue-change"
+    )
+    client.wait_until_succeeds("grep -q '^data: {\"updated_at\": 1735320427.123456}$' /tmp/events")
     client.succeed("systemctl is-active subscriber.service")
   '';
 }

@@ -9,7 +9,7 @@ pub mod redis;
 
 use std::sync::Arc;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 
 use crate::config::{BackendKind, Config};
 use crate::domain::Update;
@@ -25,6 +25,11 @@ pub enum BackendError {
     #[error("backend did not confirm the update: {0}")]
     NotAcknowledged(String),
 }
+
+/// Why a reload left the backend as it was.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ReloadError(#[from] redis::RedisError);
 
 pub trait Backend: Send + Sync + 'static {
     /// Stores `update` durably. Resolves `Ok` only once the update is stored, so that an HTTP
@@ -42,6 +47,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A one-line description for logs and `STATUS=` (never credentials).
     fn describe(&self) -> String;
+
+    /// Re-reads what the backend reads from files (the Redis password) and, if it changed,
+    /// connects with it. Resolves to whether it changed; on error the backend carries on as
+    /// it was.
+    fn reload(&self) -> BoxFuture<'_, Result<bool, ReloadError>> {
+        async { Ok(false) }.boxed()
+    }
 
     /// Stops background work and flushes what is in flight.
     fn close(&self) -> BoxFuture<'_, ()>;

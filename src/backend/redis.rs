@@ -16,6 +16,10 @@
 //! back. Only then does it reload, so that every update is either in the reload or arrives by
 //! the subscription. The probe repeats every few seconds and is the connection check behind
 //! `/readyz`.
+//!
+//! A reload re-reads `password_file`: with a changed password the backend makes and subscribes
+//! a new connection, then swaps it in, so that reconnections use the new password. Rotate by
+//! letting Redis accept the new password first (an ACL user may have two), then reload.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +40,7 @@ use slog::{Logger, debug, info, warn};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, ReloadError};
 use crate::config::RedisConfig;
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 use crate::hub::Hub;
@@ -98,6 +102,8 @@ pub enum RedisError {
         address: String,
         source: redis::RedisError,
     },
+    #[error("Redis at {address} did not answer in time")]
+    ReloadTimeout { address: String },
 }
 
 /// The names this deployment uses in Redis.
@@ -197,6 +203,17 @@ pub struct RedisBackend {
     stop: CancellationToken,
     follower: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     address: String,
+    config: RedisConfig,
+    /// The connector in use, from which a reload makes one with the new password.
+    connector: std::sync::Mutex<Connector>,
+    /// Hands a reload's new connection to the follower.
+    replacements: mpsc::UnboundedSender<Replacement>,
+}
+
+/// A connection made and subscribed with a new password, with the connector that made it.
+struct Replacement {
+    connector: Connector,
+    connection: Connection,
 }
 
 impl RedisBackend {
@@ -222,12 +239,7 @@ impl RedisBackend {
                 if crate::config::readable_by_others(path) {
                     warn!(log, "the redis password file is readable by other users"; "path" => %path.display());
                 }
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| RedisError::PasswordFile {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Some(text.trim_end_matches(['\r', '\n']).to_owned())
+                Some(read_password(path)?)
             }
             (None, None) => None,
         };
@@ -238,6 +250,7 @@ impl RedisBackend {
         let node = node_info(config, password.as_deref());
         let (pushes_tx, pushes) = mpsc::unbounded_channel();
         let (connection_tx, connection) = watch::channel(None);
+        let (replacements_tx, replacements) = mpsc::unbounded_channel();
         let connector = Connector {
             node,
             username: config.username.clone(),
@@ -266,9 +279,10 @@ impl RedisBackend {
         let stop = CancellationToken::new();
         let follower = Follower {
             shared: shared.clone(),
-            connector,
+            connector: connector.clone(),
             connection: connection_tx,
             pushes,
+            replacements,
             instance: rand::random(),
             scan_count: config.scan_count,
             resync_interval: config.resync_interval.duration(),
@@ -282,7 +296,27 @@ impl RedisBackend {
             stop,
             follower: tokio::sync::Mutex::new(Some(task)),
             address,
+            config: config.clone(),
+            connector: std::sync::Mutex::new(connector),
+            replacements: replacements_tx,
         })
+    }
+
+    /// A connection with `connector`, proven to log in, and subscribed to the channel.
+    async fn connect_and_subscribe(&self, connector: &Connector) -> Result<Connection, RedisError> {
+        let mut connection = if self.config.cluster {
+            connector.cluster().await
+        } else {
+            ConnectionManager::new_with_config(connector.client()?, connector.manager_config())
+                .await
+                .map(Connection::Single)
+        }
+        .map_err(|err| connector.client_error(err))?;
+        connection
+            .subscribe(&self.shared.keys.channel)
+            .await
+            .map_err(|err| connector.client_error(err))?;
+        Ok(connection)
     }
 }
 
@@ -338,6 +372,39 @@ impl Backend for RedisBackend {
         format!("redis at {}", self.address)
     }
 
+    fn reload(&self) -> BoxFuture<'_, Result<bool, ReloadError>> {
+        async move {
+            let Some(path) = &self.config.password_file else {
+                return Ok(false);
+            };
+            let password = read_password(path)?;
+            let connector = {
+                let current = self.connector.lock().expect("never poisoned");
+                if current.password.as_deref() == Some(password.as_str()) {
+                    return Ok(false);
+                }
+                current.with_password(&self.config, password)
+            };
+            // Bounded, as the reload holds systemd in "reloading" and the service's main loop.
+            let connection = tokio::time::timeout(
+                CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
+                self.connect_and_subscribe(&connector),
+            )
+            .await
+            .map_err(|_| RedisError::ReloadTimeout {
+                address: self.address.clone(),
+            })??;
+            *self.connector.lock().expect("never poisoned") = connector.clone();
+            // The follower gone means the backend is closing: nothing left to reconnect.
+            let _ = self.replacements.send(Replacement {
+                connector,
+                connection,
+            });
+            Ok(true)
+        }
+        .boxed()
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
             self.stop.cancel();
@@ -374,6 +441,15 @@ fn node_info(config: &RedisConfig, password: Option<&str>) -> redis::ConnectionI
         .set_redis_settings(redis)
 }
 
+/// The password in `path`, without the line break that editors and `echo` add.
+fn read_password(path: &PathBuf) -> Result<String, RedisError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RedisError::PasswordFile {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
 fn read_ca_file(path: &PathBuf) -> Result<TlsCertificates, RedisError> {
     let invalid = |reason: String| RedisError::CaFile {
         path: path.clone(),
@@ -394,6 +470,7 @@ fn read_ca_file(path: &PathBuf) -> Result<TlsCertificates, RedisError> {
 }
 
 /// Makes connections, with the pushes of every one sent to the follower.
+#[derive(Clone)]
 struct Connector {
     node: redis::ConnectionInfo,
     username: Option<String>,
@@ -411,22 +488,38 @@ impl Connector {
         }
     }
 
-    fn single(&self) -> Result<Connection, RedisError> {
-        let client = match &self.certificates {
+    /// This connector with `password` instead of its own.
+    fn with_password(&self, config: &RedisConfig, password: String) -> Self {
+        Self {
+            node: node_info(config, Some(&password)),
+            password: Some(password),
+            ..self.clone()
+        }
+    }
+
+    fn client(&self) -> Result<redis::Client, RedisError> {
+        match &self.certificates {
             Some(certificates) => {
                 redis::Client::build_with_tls(self.node.clone(), certificates.clone())
             }
             None => redis::Client::open(self.node.clone()),
         }
-        .map_err(|err| self.client_error(err))?;
-        let config = ConnectionManagerConfig::new()
+        .map_err(|err| self.client_error(err))
+    }
+
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
             .set_push_sender(self.pushes.clone())
             .set_automatic_resubscription()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        ConnectionManager::new_lazy_with_config(client, config)
+            .set_max_delay(Duration::from_secs(1))
+    }
+
+    /// One server's connection, made lazily: it never fails to be made.
+    fn single(&self) -> Result<Connection, RedisError> {
+        ConnectionManager::new_lazy_with_config(self.client()?, self.manager_config())
             .map(Connection::Single)
             .map_err(|err| self.client_error(err))
     }
@@ -465,6 +558,7 @@ struct Follower {
     connector: Connector,
     connection: watch::Sender<Option<Connection>>,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
+    replacements: mpsc::UnboundedReceiver<Replacement>,
     /// Tells this instance's probes from other instances'.
     instance: u64,
     scan_count: u32,
@@ -490,6 +584,13 @@ impl Follower {
             };
             let push = tokio::select! {
                 () = stop.cancelled() => return,
+                Some(replacement) = self.replacements.recv() => {
+                    // Already subscribed; the old connection's subscription ends as it drops.
+                    self.connector = replacement.connector;
+                    self.connection.send_replace(Some(replacement.connection));
+                    subscribed = true;
+                    continue;
+                }
                 push = self.pushes.recv() => push,
                 () = tokio::time::sleep_until(deadline) => None,
                 () = tokio::time::sleep_until(next_resync), if self.is_connected() => {

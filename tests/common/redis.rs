@@ -201,6 +201,12 @@ impl RedisServer {
     }
 
     /// Runs `redis-cli` against this server; its output, trimmed.
+    /// Changes the `default` user's password; connections already logged in stay.
+    pub fn set_password(&mut self, password: &str) {
+        self.cli(&["CONFIG", "SET", "requirepass", password]);
+        self.password = Some(password.to_owned());
+    }
+
     pub fn cli(&self, args: &[&str]) -> String {
         self.try_cli(args)
             .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
