@@ -32,6 +32,10 @@ impl Http1Stream {
             target.authority()
         );
         io.write_all(request.as_bytes()).await?;
+        // Over TLS, write_all can return with the request still in rustls' buffer: tokio-rustls
+        // counts bytes as written once rustls has them, and the socket write may have been put
+        // off (tokio's cooperative budget). Nothing else would send them while this task reads.
+        io.flush().await?;
         let mut buffer = Vec::with_capacity(READ_BUFFER);
         loop {
             if io.read_buf(&mut buffer).await? == 0 {
