@@ -4,6 +4,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::http::{Connection, Protocol};
+
 use common::{
     Chunk, Service, SseClient, body_at, event, request_head, seconds, test_config, text,
     updated_at_of,
@@ -17,9 +19,31 @@ async fn stream_headers_are_what_sdks_and_proxies_need() {
     assert_eq!(client.header("content-type"), Some("text/event-stream"));
     assert_eq!(client.header("cache-control"), Some("no-cache"));
     assert_eq!(client.header("x-accel-buffering"), Some("no"));
+    assert_eq!(client.header("timing-allow-origin"), Some("*"));
     assert_eq!(client.header("access-control-allow-origin"), Some("*"));
     assert!(client.chunked, "HTTP/1.1 bodies must be chunked");
     assert_eq!(client.header("content-length"), None);
+
+    // HTTP/2 streams go through hyper, HTTP/1.1 ones through the service's own writer: the
+    // same headers either way.
+    let mut h2c = Connection::plain(service.addr, Protocol::Http2).await;
+    let response = h2c
+        .send("GET", "/sse/environments/env/stream", &[], "")
+        .await;
+    assert_eq!(response.status(), 200);
+    for name in [
+        "content-type",
+        "cache-control",
+        "x-accel-buffering",
+        "timing-allow-origin",
+        "access-control-allow-origin",
+    ] {
+        let value = response
+            .headers()
+            .get(name)
+            .map(|value| value.to_str().unwrap());
+        assert_eq!(value, client.header(name), "{name} over HTTP/2");
+    }
 }
 
 #[tokio::test]

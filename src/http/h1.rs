@@ -228,6 +228,7 @@ fn response_head(close: bool) -> Vec<u8> {
           content-type: text/event-stream\r\n\
           cache-control: no-cache\r\n\
           x-accel-buffering: no\r\n\
+          timing-allow-origin: *\r\n\
           access-control-allow-origin: *\r\n\
           transfer-encoding: chunked\r\n",
     );

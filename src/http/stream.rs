@@ -118,6 +118,8 @@ fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Lets a page see the stream's protocol and timings in Resource Timing.
+    headers.insert("timing-allow-origin", HeaderValue::from_static("*"));
     response.extensions_mut().insert(subscription);
     *response.status_mut() = StatusCode::OK;
     response
