@@ -154,7 +154,14 @@ pub async fn serve<S, B>(
                         handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => handshake,
                     };
                     match handshake {
-                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        // Served by a task of its own, and boxed: this task's future is sized
+                        // for the handshake, whose slots a connection would carry for its whole
+                        // life, and a future keeps a moved argument's slot beside the local it
+                        // was moved into (6.6 KB per idle TLS connection where it is 1.5 KB
+                        // without TLS).
+                        Ok(Ok(stream)) => {
+                            tokio::spawn(connection.serve(Box::new(stream)));
+                        }
                         Ok(Err(err)) => {
                             connection.shared.metrics.tls_handshake_errors.inc();
                             debug!(connection.log, "tls handshake failed"; "peer" => %peer, "error" => %err);
