@@ -6,6 +6,13 @@
 //! pair for the handshakes that follow while established connections keep theirs. A reload
 //! also replaces the session-ticket keys: a session begun under the old pair is not resumed
 //! under the new one, which matters when a pair is replaced because its key leaked.
+//!
+//! Connections are served by [`stream`], over rustls's unbuffered API: an idle connection
+//! holds no buffer.
+
+mod stream;
+
+pub use stream::{TlsStream, accept};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +25,6 @@ use rustls::{ServerConfig, version};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
 
@@ -99,8 +105,9 @@ impl Certificate {
         })
     }
 
-    /// A TLS acceptor offering HTTP/2 and HTTP/1.1, TLS 1.3 and 1.2, with this certificate.
-    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
+    /// The rustls configuration for accepting connections: HTTP/2 and HTTP/1.1, TLS 1.3 and
+    /// 1.2, with this certificate.
+    pub fn acceptor(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&version::TLS13, &version::TLS12])
             .map_err(TlsError::Setup)?
@@ -112,7 +119,7 @@ impl Certificate {
         // server-side session cache: its entries could not be dropped on reload.
         config.ticketer = self.tickets.clone();
         config.session_storage = Arc::new(NoServerSessionStorage {});
-        Ok(TlsAcceptor::from(Arc::new(config)))
+        Ok(Arc::new(config))
     }
 
     fn current_pair(&self) -> Arc<CertifiedKey> {

@@ -30,11 +30,11 @@ use http::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::ServerConfig;
 use slog::{Logger, debug, error};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::time::Sleep;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{PeerAddr, State, h1};
@@ -99,7 +99,7 @@ impl Connections {
 /// by `h1` (with `state`'s hub and settings) instead of hyper.
 pub async fn serve<S, B>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerConfig>>,
     connections: Arc<Connections>,
     service: S,
     streams: Option<Arc<State>>,
@@ -145,8 +145,8 @@ pub async fn serve<S, B>(
             None => {
                 tokio::spawn(connection.serve(socket));
             }
-            Some(acceptor) => {
-                let handshake = acceptor.accept(socket);
+            Some(config) => {
+                let handshake = crate::tls::accept(socket, config.clone());
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let handshake = tokio::select! {
