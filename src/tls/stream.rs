@@ -424,7 +424,11 @@ mod tests {
         // Larger than a record and than the pipe: sent over several writes of the socket.
         let response: Vec<u8> = (0..100_000_u32).map(|n| n as u8).collect();
         stream.write_all(&response).await.unwrap();
-        let slices = [IoSlice::new(b"a"), IoSlice::new(b"bc"), IoSlice::new(b"\r\n")];
+        let slices = [
+            IoSlice::new(b"a"),
+            IoSlice::new(b"bc"),
+            IoSlice::new(b"\r\n"),
+        ];
         assert_eq!(stream.write_vectored(&slices).await.unwrap(), 5);
         stream.flush().await.unwrap();
         assert_eq!(stream.outgoing.capacity(), 0, "buffer held after a flush");

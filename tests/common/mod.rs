@@ -3,6 +3,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 pub mod daemon;
+pub mod frames;
 pub mod http;
 pub mod redis;
 pub mod scenarios;
