@@ -148,7 +148,10 @@ pub async fn run(
             acceptor,
             connections.clone(),
             http::service(http::routes(state.clone(), listener.endpoints)),
-            listener.endpoints.streams.then(|| state.clone()),
+            listener.endpoints.streams.then(|| http::serve::Streams {
+                state: state.clone(),
+                forward: http::forward(http::routes(state.clone(), listener.endpoints)),
+            }),
             draining.clone(),
             log.new(slog::o!("listener" => listener.name)),
         ));

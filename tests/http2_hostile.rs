@@ -269,3 +269,72 @@ async fn shutdown_sends_goaway_and_ends_open_streams_cleanly() {
     );
     stopping.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_answering_pings_is_closed_and_others_carry_on() {
+    let mut config = test_config();
+    config.http2.keepalive_interval = seconds(0.3);
+    config.http2.keepalive_timeout = seconds(0.3);
+    let service = Service::start_ready(config).await;
+    let mut client = RawH2::connect(service.addr, &[]).await;
+    client
+        .send(&frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            1,
+            &get("/sse/environments/env/stream"),
+        ))
+        .await
+        .unwrap();
+    // This client reads but never answers a PING.
+    let mut pinged = false;
+    let ended = loop {
+        match client
+            .until(WAIT, |frame| matches!(frame.kind, PING | GOAWAY))
+            .await
+        {
+            Next::Frame(frame) if frame.kind == PING => pinged = true,
+            other => break other,
+        }
+    };
+    assert!(pinged, "closed without a PING");
+    assert!(matches!(ended, Next::Frame(_)), "no GOAWAY: {ended:?}");
+    assert_eq!(client.next(WAIT).await, Next::Closed);
+    others_are_served(&service, "bystander").await;
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_body_larger_than_the_window_gets_413() {
+    let service = Service::start_ready(test_config()).await;
+    let mut client = RawH2::connect(service.addr, &[]).await;
+    let mut block = Vec::new();
+    header(":method", b"POST", &mut block);
+    header(":scheme", b"http", &mut block);
+    header(":authority", b"localhost", &mut block);
+    header(":path", b"/sse/environments/env/queue-change", &mut block);
+    header(
+        "authorization",
+        format!("Token {}", common::TOKEN).as_bytes(),
+        &mut block,
+    );
+    let mut bytes = frame(HEADERS, END_HEADERS, 1, &block);
+    // 16 KiB, the stream's whole window, and no END_STREAM: the rest could never be sent.
+    for _ in 0..4 {
+        bytes.extend(frame(DATA, 0, 1, &[b' '; 4096]));
+    }
+    client.send(&bytes).await.unwrap();
+    let answer = client
+        .until(WAIT, |frame| {
+            frame.stream == 1 && matches!(frame.kind, HEADERS | RST_STREAM)
+        })
+        .await;
+    let Next::Frame(answer) = answer else {
+        panic!("no answer: {answer:?}")
+    };
+    assert_eq!(answer.kind, HEADERS);
+    // `:status: 413`, never indexed, with the static name (index 8).
+    assert_eq!(&answer.payload[..5], b"\x18\x03413", "{:?}", answer.payload);
+    others_are_served(&service, "bystander").await;
+    service.stop().await;
+}

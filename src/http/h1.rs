@@ -192,7 +192,7 @@ fn parse(bytes: &[u8]) -> Parsed {
 
 /// The raw key segment of a stream path, with any query ignored and doubled slashes accepted
 /// as the routes accept them.
-fn stream_key(target: &str) -> Option<&str> {
+pub(super) fn stream_key(target: &str) -> Option<&str> {
     // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
     // follows the authority.
     let target = match target.split_once("://") {

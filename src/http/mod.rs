@@ -7,6 +7,7 @@
 //! same subscription, body and response head.
 
 mod h1;
+mod h2;
 pub mod health;
 pub mod metricsz;
 pub mod publish;
@@ -269,6 +270,38 @@ where
             let response = tower_service::Service::call(&mut routes, request).await?;
             Ok(stream::attach_body(response))
         }
+    })
+}
+
+/// A response as the routes give it: warp's body, or a stream's.
+pub type RoutedResponse = Response<Either<WarpBody, stream::SseBody>>;
+
+/// The routes for requests the HTTP/2 stream writer (`h2`) read whole but does not serve
+/// itself: they go to warp as they would through hyper.
+pub type Forward = Arc<
+    dyn Fn(
+            Request<http_body_util::Full<bytes::Bytes>>,
+        ) -> futures_util::future::BoxFuture<'static, RoutedResponse>
+        + Send
+        + Sync,
+>;
+
+/// [`Forward`] for `routes`.
+pub fn forward<F>(routes: F) -> Forward
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    Arc::new(move |mut request| {
+        collapse_slashes(request.uri_mut());
+        let mut routes = warp::service(routes.clone());
+        Box::pin(async move {
+            let Ok(response) = tower_service::Service::call(&mut routes, request).await;
+            stream::attach_body(response)
+        })
     })
 }
 

@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
-use super::{PeerAddr, State, h1};
+use super::{Forward, PeerAddr, State, h1, h2};
 use crate::config::Http2Config;
 use crate::metrics::{ConnectionMetrics, ProtocolCounters};
 
@@ -62,6 +62,7 @@ const STREAM_SEND_BUFFER: usize = 16 * 1024;
 /// What every connection of every listener shares.
 pub struct Connections {
     builder: auto::Builder<TokioExecutor>,
+    http2: Http2Config,
     /// How long a write may wait for a client that reads nothing.
     write_timeout: Duration,
     metrics: ConnectionMetrics,
@@ -85,10 +86,19 @@ impl Connections {
             .max_send_buf_size(STREAM_SEND_BUFFER);
         Self {
             builder,
+            http2: http2.clone(),
             write_timeout,
             metrics,
         }
     }
+}
+
+/// What a listener that serves streams gives the service's own HTTP/1.1 and HTTP/2 writers:
+/// the state streams read, and the routes for the requests the HTTP/2 writer forwards.
+#[derive(Clone)]
+pub struct Streams {
+    pub state: Arc<State>,
+    pub forward: Forward,
 }
 
 /// Serves `listener` until `stop` fires and its connections have ended. With `tls`, each
@@ -102,7 +112,7 @@ pub async fn serve<S, B>(
     tls: Option<Arc<ServerConfig>>,
     connections: Arc<Connections>,
     service: S,
-    streams: Option<Arc<State>>,
+    streams: Option<Streams>,
     stop: CancellationToken,
     log: Logger,
 ) where
@@ -183,7 +193,7 @@ pub async fn serve<S, B>(
 struct Connection<S> {
     shared: Arc<Connections>,
     service: S,
-    streams: Option<Arc<State>>,
+    streams: Option<Streams>,
     watcher: Watcher,
     peer: SocketAddr,
     log: Logger,
@@ -215,10 +225,26 @@ impl<S> Connection<S> {
             stalled: None,
             shared: self.shared.clone(),
         };
-        if let Some(state) = &self.streams {
+        if let Some(Streams { state, forward }) = &self.streams {
             match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
                 h1::Outcome::Closed => return,
                 h1::Outcome::Handoff(read) => io.unread = read,
+            }
+            let compared = io.unread.len().min(h2::PREFACE.len());
+            if io.unread[..compared] == h2::PREFACE[..compared] {
+                let read = std::mem::take(&mut io.unread);
+                let served = h2::Served {
+                    state,
+                    forward,
+                    config: &self.shared.http2,
+                    peer: PeerAddr(self.peer),
+                };
+                // Boxed, as hyper's connection below: the task of every connection is
+                // allocated at the size of its largest state.
+                match Box::pin(h2::serve(&mut io, served, read, HEADER_READ_TIMEOUT)).await {
+                    h1::Outcome::Closed => return,
+                    h1::Outcome::Handoff(read) => io.unread = read,
+                }
             }
         }
         let service = WithPeer {
