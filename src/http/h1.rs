@@ -8,10 +8,10 @@
 //! here too: the response head, then each event as one chunk, written straight from the bytes
 //! every subscriber shares.
 //!
-//! Everything else goes to hyper with the bytes read so far: other routes and methods, HTTP/2,
-//! HTTP/1.0, request bodies, pipelined requests, heads beyond [`MAX_HEAD`], invalid keys and
-//! streams beyond the cap (whose error responses warp writes). Those requests are rare or cheap
-//! and hyper's handling of them stays the reference.
+//! Everything else leaves with the bytes read so far: HTTP/2 to `h2`, and to hyper other routes
+//! and methods, HTTP/1.0, request bodies, pipelined requests, heads beyond [`MAX_HEAD`], invalid
+//! keys and streams beyond the cap (whose error responses warp writes). Those requests are rare
+//! or cheap and hyper's handling of them stays the reference.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};

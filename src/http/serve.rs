@@ -2,7 +2,8 @@
 //! or HTTP/2 chosen per connection by hyper-util's auto builder. On plaintext that is HTTP/1.1
 //! or h2c with prior knowledge; on TLS the client's ALPN choice, `h2` or `http/1.1`. On a
 //! listener that serves streams, `h1` reads each connection's first bytes and answers
-//! HTTP/1.1 stream requests itself; everything else reaches hyper with those bytes.
+//! HTTP/1.1 stream requests itself, `h2` serves HTTP/2 connections, and everything else
+//! reaches hyper with those bytes.
 //!
 //! When `stop` fires the listener closes and every connection is asked to finish gracefully:
 //! HTTP/1.1 closes after the response in progress, HTTP/2 sends GOAWAY and lets open streams
@@ -11,11 +12,12 @@
 //! Each connection is counted as open under the protocol its first bytes choose: HTTP/2 always
 //! starts with a fixed preface, anything else is HTTP/1.1.
 //!
-//! An update wakes every stream of an HTTP/2 connection at once, each in its own task, and each
-//! stream's frame wakes the connection's task, which tokio runs next. Written straight away,
-//! that is one `writev` of a hundred bytes per stream. So an HTTP/2 connection's small writes
-//! wait turns of the scheduler while the streams queued behind it keep adding frames, and the
-//! connection writes them together; on an idle system a write waits one turn.
+//! Under hyper, an update wakes every stream of an HTTP/2 connection at once, each in its own
+//! task, and each stream's frame wakes the connection's task, which tokio runs next. Written
+//! straight away, that is one `writev` of a hundred bytes per stream. So an HTTP/2
+//! connection's small writes wait turns of the scheduler while the streams queued behind it
+//! keep adding frames, and the connection writes them together; on an idle system a write
+//! waits one turn. (`h2` gathers its streams' frames itself.)
 
 use std::convert::Infallible;
 use std::future::Future;
