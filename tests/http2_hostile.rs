@@ -35,6 +35,13 @@ async fn others_are_served(service: &Service, key: &str) {
     assert_eq!(received.expect("the update within 10 s"), event("1.5"));
 }
 
+/// Opens `stream` as a subscription to `key`.
+async fn subscribe(client: &mut RawH2, stream: u32, key: &str) {
+    let request = get(&format!("/sse/environments/{key}/stream"));
+    let opening = frame(HEADERS, END_STREAM | END_HEADERS, stream, &request);
+    client.send(&opening).await.unwrap();
+}
+
 /// Whether the service refused or ended `stream`: any response but a 200, a reset of the
 /// stream, a GOAWAY, or a closed connection.
 async fn refused(client: &mut RawH2, stream: u32) -> bool {
@@ -193,15 +200,7 @@ async fn a_stream_sends_no_more_than_the_client_window_allows() {
     assert_eq!(service.publish("env", &body_at(1.5)).await.0, 200);
     let expected = event("1.5");
     let mut client = RawH2::connect(service.addr, &[(SETTINGS_INITIAL_WINDOW_SIZE, 10)]).await;
-    client
-        .send(&frame(
-            HEADERS,
-            END_STREAM | END_HEADERS,
-            1,
-            &get("/sse/environments/env/stream"),
-        ))
-        .await
-        .unwrap();
+    subscribe(&mut client, 1, "env").await;
     let mut received = Vec::new();
     loop {
         match client
@@ -235,15 +234,7 @@ async fn shutdown_sends_goaway_and_ends_open_streams_cleanly() {
     config.shutdown.drain_period = seconds(0.2);
     let service = Service::start_ready(config).await;
     let mut client = RawH2::connect(service.addr, &[]).await;
-    client
-        .send(&frame(
-            HEADERS,
-            END_STREAM | END_HEADERS,
-            1,
-            &get("/sse/environments/env/stream"),
-        ))
-        .await
-        .unwrap();
+    subscribe(&mut client, 1, "env").await;
     assert!(matches!(
         client.until(WAIT, |frame| frame.stream == 1 && frame.kind == HEADERS).await,
         Next::Frame(frame) if is_200(&frame.payload)
@@ -277,15 +268,7 @@ async fn a_client_that_stops_answering_pings_is_closed_and_others_carry_on() {
     config.http2.keepalive_timeout = seconds(0.3);
     let service = Service::start_ready(config).await;
     let mut client = RawH2::connect(service.addr, &[]).await;
-    client
-        .send(&frame(
-            HEADERS,
-            END_STREAM | END_HEADERS,
-            1,
-            &get("/sse/environments/env/stream"),
-        ))
-        .await
-        .unwrap();
+    subscribe(&mut client, 1, "env").await;
     // This client reads but never answers a PING.
     let mut pinged = false;
     let ended = loop {

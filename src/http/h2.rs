@@ -377,6 +377,18 @@ struct Stream {
     abort: Option<AbortHandle>,
 }
 
+impl Stream {
+    fn new(window: i64) -> Self {
+        Self {
+            window,
+            pending: None,
+            ended: false,
+            body: None,
+            abort: None,
+        }
+    }
+}
+
 /// A forwarded request warp is answering, and a response body being read whole.
 type Responding = Pin<Box<dyn Future<Output = Result<(u32, RoutedResponse), Aborted>> + Send>>;
 type Collecting = Pin<Box<dyn Future<Output = Result<(u32, Option<Bytes>), Aborted>> + Send>>;
@@ -480,13 +492,7 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     fn open(&mut self, stream: u32, subscription: Subscription) {
         self.last_stream = self.last_stream.max(stream);
         put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &self.head);
-        let mut entry = Stream {
-            window: self.initial_window,
-            pending: None,
-            ended: false,
-            body: None,
-            abort: None,
-        };
+        let mut entry = Stream::new(self.initial_window);
         let body = Box::new(SseBody::new(subscription));
         self.bodies.push(waiting(stream, body, &mut entry.abort));
         self.streams.insert(stream, entry);
@@ -529,13 +535,7 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     fn respond(&mut self, stream: u32, response: RoutedResponse) {
         let (parts, body) = response.into_parts();
         let head = encode_head(parts.status, &parts.headers);
-        let mut entry = Stream {
-            window: self.initial_window,
-            pending: None,
-            ended: false,
-            body: None,
-            abort: None,
-        };
+        let mut entry = Stream::new(self.initial_window);
         match body {
             http_body_util::Either::Right(body) => {
                 put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
