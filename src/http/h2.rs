@@ -433,7 +433,6 @@ struct Connection<'a, I> {
     last_heard: Instant,
     timer: Pin<Box<Sleep>>,
     draining: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    head: Vec<u8>,
 }
 
 impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
@@ -469,7 +468,6 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
             last_heard: now,
             timer: Box::pin(tokio::time::sleep_until(now)),
             draining: Box::pin(state.draining.clone().cancelled_owned()),
-            head: response_head(),
         };
         let mut settings = Vec::new();
         for (id, value) in [
@@ -491,7 +489,9 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     /// Starts serving `stream`: its response head, then its body's frames.
     fn open(&mut self, stream: u32, subscription: Subscription) {
         self.last_stream = self.last_stream.max(stream);
-        put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &self.head);
+        // Made for each stream: its Date is the response's.
+        let head = response_head();
+        put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
         let mut entry = Stream::new(self.initial_window);
         let body = Box::new(SseBody::new(subscription));
         self.bodies.push(waiting(stream, body, &mut entry.abort));
