@@ -263,14 +263,33 @@ where
         + Sync
         + 'static,
 {
-    hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-        collapse_slashes(request.uri_mut());
-        let mut routes = warp::service(routes.clone());
-        async move {
-            let response = tower_service::Service::call(&mut routes, request).await?;
-            Ok(stream::attach_body(response))
-        }
+    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let routed = route(&routes, request);
+        async move { Ok::<_, Infallible>(routed.await) }
     })
+}
+
+/// `request` through `routes`, with `//sse/...` paths accepted and a subscription turned into
+/// its SSE body.
+fn route<F, B>(
+    routes: &F,
+    mut request: Request<B>,
+) -> impl Future<Output = RoutedResponse> + use<F, B>
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    B: http_body::Body + Send + Sync + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    collapse_slashes(request.uri_mut());
+    let mut routes = warp::service(routes.clone());
+    async move {
+        let Ok(response) = tower_service::Service::call(&mut routes, request).await;
+        stream::attach_body(response)
+    }
 }
 
 /// A response as the routes give it: warp's body, or a stream's.
@@ -295,14 +314,7 @@ where
         + Sync
         + 'static,
 {
-    Arc::new(move |mut request| {
-        collapse_slashes(request.uri_mut());
-        let mut routes = warp::service(routes.clone());
-        Box::pin(async move {
-            let Ok(response) = tower_service::Service::call(&mut routes, request).await;
-            stream::attach_body(response)
-        })
-    })
+    Arc::new(move |request| Box::pin(route(&routes, request)))
 }
 
 /// `//sse//environments/x/stream` → `/sse/environments/x/stream`.

@@ -124,24 +124,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                     Some(Step::Plaintext)
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    let at = self.outgoing.len();
-                    let mut size = READ_CHUNK;
-                    loop {
-                        self.outgoing.resize(at + size, 0);
-                        match encode.encode(&mut self.outgoing[at..]) {
-                            Ok(written) => {
-                                self.outgoing.truncate(at + written);
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(needed)) => {
-                                size = needed.required_size;
-                            }
-                            Err(err) => {
-                                self.outgoing.truncate(at);
-                                return Err(invalid_data(err));
-                            }
-                        }
-                    }
+                    append(&mut self.outgoing, READ_CHUNK, |room| {
+                        encode.encode(room).map_err(|err| match err {
+                            EncodeError::InsufficientSize(needed) => Grow::To(needed.required_size),
+                            err => Grow::Fail(invalid_data(err)),
+                        })
+                    })?;
                     None
                 }
                 // Every queued byte goes out before anything queued later, so the handshake's
@@ -153,25 +141,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 ConnectionState::WriteTraffic(mut traffic) => match write.take() {
                     Some(slices) => {
                         for slice in slices.iter().filter(|slice| !slice.is_empty()) {
-                            let at = self.outgoing.len();
                             // One record per 16 KiB of data, each with at most 22 bytes more.
-                            let mut size = slice.len() + 64 + slice.len() / 256;
-                            loop {
-                                self.outgoing.resize(at + size, 0);
-                                match traffic.encrypt(slice, &mut self.outgoing[at..]) {
-                                    Ok(written) => {
-                                        self.outgoing.truncate(at + written);
-                                        break;
+                            let room = slice.len() + 64 + slice.len() / 256;
+                            append(&mut self.outgoing, room, |room| {
+                                traffic.encrypt(slice, room).map_err(|err| match err {
+                                    EncryptError::InsufficientSize(needed) => {
+                                        Grow::To(needed.required_size)
                                     }
-                                    Err(EncryptError::InsufficientSize(needed)) => {
-                                        size = needed.required_size;
-                                    }
-                                    Err(err) => {
-                                        self.outgoing.truncate(at);
-                                        return Err(invalid_data(err));
-                                    }
-                                }
-                            }
+                                    err => Grow::Fail(invalid_data(err)),
+                                })
+                            })?;
                         }
                         Some(Step::Encrypted)
                     }
@@ -358,6 +337,37 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             ready!(this.poll_send(cx))?;
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// Why `append`'s writer wrote nothing.
+enum Grow {
+    /// It needs this much room.
+    To(usize),
+    Fail(io::Error),
+}
+
+/// Appends to `out` what `write` puts in the room it is given, `room` bytes at first and as
+/// much as it asks for after.
+fn append(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Grow>,
+) -> io::Result<()> {
+    let at = out.len();
+    loop {
+        out.resize(at + room, 0);
+        match write(&mut out[at..]) {
+            Ok(written) => {
+                out.truncate(at + written);
+                return Ok(());
+            }
+            Err(Grow::To(needed)) => room = needed,
+            Err(Grow::Fail(err)) => {
+                out.truncate(at);
+                return Err(err);
+            }
+        }
     }
 }
 
