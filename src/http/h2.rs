@@ -22,14 +22,17 @@
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::future::{AbortHandle, Abortable, Aborted};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::AtomicWaker;
 use http_body::Body as _;
 use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -341,26 +344,37 @@ where
     Outcome::Closed
 }
 
-/// A stream's next frame from its body, or the body back when it was aborted.
-type Polled = Result<(u32, Box<SseBody>, Option<Bytes>), Aborted>;
-type Waiting = Pin<Box<dyn Future<Output = Polled> + Send>>;
+/// The streams whose bodies woke since the connection's task last polled them, and that task.
+#[derive(Default)]
+struct Woken {
+    streams: Mutex<Vec<u32>>,
+    task: AtomicWaker,
+}
 
-/// Waits for the next frame of `body`.
-fn waiting(stream: u32, mut body: Box<SseBody>, abort: &mut Option<AbortHandle>) -> Waiting {
-    let (handle, registration) = AbortHandle::new_pair();
-    *abort = Some(handle);
-    Box::pin(Abortable::new(
-        async move {
-            let data = poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => Poll::Ready(frame.into_data().ok()),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            })
-            .await;
-            (stream, body, data)
-        },
-        registration,
-    ))
+/// The waker a stream's body is polled with: it queues the stream in [`Woken`], once until the
+/// body is polled again, and wakes the connection's task, which then polls only the bodies
+/// that woke. A stream costs this one allocation, made when it opens.
+struct StreamWaker {
+    stream: u32,
+    queued: AtomicBool,
+    woken: Arc<Woken>,
+}
+
+impl Wake for StreamWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            self.woken
+                .streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(self.stream);
+            self.woken.task.wake();
+        }
+    }
 }
 
 /// One stream of a connection.
@@ -372,9 +386,9 @@ struct Stream {
     pending: Option<(Bytes, usize)>,
     /// END_STREAM goes with the end of the pending data.
     ended: bool,
-    /// The body, while it is not being polled.
-    body: Option<Box<SseBody>>,
-    abort: Option<AbortHandle>,
+    /// The body and what it wakes, unless the stream answers a forwarded request whose
+    /// response is read whole.
+    body: Option<(Box<SseBody>, Arc<StreamWaker>)>,
 }
 
 impl Stream {
@@ -384,14 +398,18 @@ impl Stream {
             pending: None,
             ended: false,
             body: None,
-            abort: None,
         }
     }
 }
 
-/// A forwarded request warp is answering, and a response body being read whole.
-type Responding = Pin<Box<dyn Future<Output = Result<(u32, RoutedResponse), Aborted>> + Send>>;
-type Collecting = Pin<Box<dyn Future<Output = Result<(u32, Option<Bytes>), Aborted>> + Send>>;
+/// What became of a forwarded request: warp's response, or its body read whole.
+enum Forwarded {
+    Answered(Box<RoutedResponse>),
+    Read(Option<Bytes>),
+}
+
+/// A forwarded request warp is answering, or a response body being read whole.
+type Forwarding = Pin<Box<dyn Future<Output = Result<(u32, Forwarded), Aborted>> + Send>>;
 
 struct Connection<'a, I> {
     io: &'a mut I,
@@ -401,8 +419,7 @@ struct Connection<'a, I> {
     config: Http2Config,
     /// Forwarded requests whose body is still arriving.
     requests: HashMap<u32, (Request, Vec<u8>)>,
-    responding: FuturesUnordered<Responding>,
-    collecting: FuturesUnordered<Collecting>,
+    forwarding: FuturesUnordered<Forwarding>,
     /// What aborts a forwarded request's future when the client resets its stream.
     forwarded: HashMap<u32, AbortHandle>,
     decoder: loona_hpack::Decoder<'static>,
@@ -412,7 +429,10 @@ struct Connection<'a, I> {
     out: Vec<u8>,
     sent: usize,
     streams: HashMap<u32, Stream>,
-    bodies: FuturesUnordered<Waiting>,
+    woken: Arc<Woken>,
+    /// Streams whose bodies are to be polled: woken ones, new ones, and ones whose last frame
+    /// has gone out.
+    polling: Vec<u32>,
     /// Streams with data their windows held back.
     blocked: Vec<u32>,
     /// The client's initial window for new streams, and the connection's send window.
@@ -446,15 +466,15 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
             peer: served.peer,
             config: config.clone(),
             requests: HashMap::new(),
-            responding: FuturesUnordered::new(),
-            collecting: FuturesUnordered::new(),
+            forwarding: FuturesUnordered::new(),
             forwarded: HashMap::new(),
             decoder: loona_hpack::Decoder::new(),
             read: Vec::new(),
             out: Vec::new(),
             sent: 0,
             streams: HashMap::new(),
-            bodies: FuturesUnordered::new(),
+            woken: Arc::default(),
+            polling: Vec::new(),
             blocked: Vec::new(),
             initial_window: DEFAULT_WINDOW,
             window: DEFAULT_WINDOW,
@@ -492,18 +512,25 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
         // Made for each stream: its Date is the response's.
         let head = response_head();
         put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
-        let mut entry = Stream::new(self.initial_window);
-        let body = Box::new(SseBody::new(subscription));
-        self.bodies.push(waiting(stream, body, &mut entry.abort));
-        self.streams.insert(stream, entry);
+        self.serve_body(stream, Box::new(SseBody::new(subscription)));
     }
 
+    /// Serves `body` as `stream`'s, polled first by this turn's [`Self::poll_bodies`].
+    fn serve_body(&mut self, stream: u32, body: Box<SseBody>) {
+        let mut entry = Stream::new(self.initial_window);
+        let waker = Arc::new(StreamWaker {
+            stream,
+            queued: AtomicBool::new(true),
+            woken: self.woken.clone(),
+        });
+        entry.body = Some((body, waker));
+        self.streams.insert(stream, entry);
+        self.polling.push(stream);
+    }
+
+    /// Forgets `stream`: its body, if any, is dropped with it.
     fn close_stream(&mut self, stream: u32) {
-        if let Some(mut entry) = self.streams.remove(&stream)
-            && let Some(abort) = entry.abort.take()
-        {
-            abort.abort();
-        }
+        self.streams.remove(&stream);
         self.requests.remove(&stream);
         if let Some(abort) = self.forwarded.remove(&stream) {
             abort.abort();
@@ -524,8 +551,8 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
         let (handle, registration) = AbortHandle::new_pair();
         self.forwarded.insert(stream, handle);
         let answer = (self.forward)(request);
-        self.responding.push(Box::pin(Abortable::new(
-            async move { (stream, answer.await) },
+        self.forwarding.push(Box::pin(Abortable::new(
+            async move { (stream, Forwarded::Answered(Box::new(answer.await))) },
             registration,
         )));
     }
@@ -535,13 +562,10 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     fn respond(&mut self, stream: u32, response: RoutedResponse) {
         let (parts, body) = response.into_parts();
         let head = encode_head(parts.status, &parts.headers);
-        let mut entry = Stream::new(self.initial_window);
         match body {
             http_body_util::Either::Right(body) => {
                 put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
-                self.bodies
-                    .push(waiting(stream, Box::new(body), &mut entry.abort));
-                self.streams.insert(stream, entry);
+                self.serve_body(stream, Box::new(body));
             }
             http_body_util::Either::Left(body) if body.is_end_stream() => {
                 put_frame(
@@ -556,9 +580,10 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
                 put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);
                 let (handle, registration) = AbortHandle::new_pair();
                 self.forwarded.insert(stream, handle);
-                self.streams.insert(stream, entry);
-                self.collecting.push(Box::pin(Abortable::new(
-                    async move { (stream, read_whole(body).await) },
+                self.streams
+                    .insert(stream, Stream::new(self.initial_window));
+                self.forwarding.push(Box::pin(Abortable::new(
+                    async move { (stream, Forwarded::Read(read_whole(body).await)) },
                     registration,
                 )));
             }
@@ -567,17 +592,14 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
 
     /// Takes what warp answered and what was read of its bodies.
     fn poll_forwarded(&mut self, cx: &mut Context<'_>) {
-        while let Poll::Ready(Some(answered)) = self.responding.poll_next_unpin(cx) {
-            if let Ok((stream, response)) = answered {
-                self.forwarded.remove(&stream);
-                self.respond(stream, response);
-            }
-        }
-        while let Poll::Ready(Some(read)) = self.collecting.poll_next_unpin(cx) {
-            let Ok((stream, body)) = read else { continue };
+        while let Poll::Ready(Some(forwarded)) = self.forwarding.poll_next_unpin(cx) {
+            let Ok((stream, forwarded)) = forwarded else {
+                continue;
+            };
             self.forwarded.remove(&stream);
-            match body {
-                Some(body) if !body.is_empty() => {
+            match forwarded {
+                Forwarded::Answered(response) => self.respond(stream, *response),
+                Forwarded::Read(Some(body)) if !body.is_empty() => {
                     if let Some(entry) = self.streams.get_mut(&stream) {
                         entry.pending = Some((body, 0));
                         entry.ended = true;
@@ -586,11 +608,11 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
                         self.blocked.push(stream);
                     }
                 }
-                Some(_) => {
+                Forwarded::Read(Some(_)) => {
                     put_frame(&mut self.out, DATA, END_STREAM, stream, &[]);
                     self.streams.remove(&stream);
                 }
-                None => self.reset(stream, PROTOCOL_ERROR),
+                Forwarded::Read(None) => self.reset(stream, PROTOCOL_ERROR),
             }
         }
     }
@@ -885,8 +907,8 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
         }
         if entry.ended {
             self.streams.remove(&stream);
-        } else if let Some(body) = entry.body.take() {
-            self.bodies.push(waiting(stream, body, &mut entry.abort));
+        } else if entry.body.is_some() {
+            self.polling.push(stream);
         }
         true
     }
@@ -906,24 +928,36 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
 
     /// Takes the frames the streams' bodies have ready.
     fn poll_bodies(&mut self, cx: &mut Context<'_>) {
-        while let Poll::Ready(Some(polled)) = self.bodies.poll_next_unpin(cx) {
-            let Ok((stream, body, data)) = polled else {
-                // Reset by the client: the body is dropped with the future.
-                continue;
-            };
+        // Before the queue is taken: a body that wakes after that wakes this task again.
+        self.woken.task.register(cx.waker());
+        self.polling.append(
+            &mut self
+                .woken
+                .streams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        while let Some(stream) = self.polling.pop() {
             let Some(entry) = self.streams.get_mut(&stream) else {
                 continue;
             };
-            entry.abort = None;
-            match data {
-                Some(data) => {
-                    entry.pending = Some((data, 0));
-                    entry.body = Some(body);
+            // Not polled while its last frame waits for the client's window: a slow reader
+            // skips to the newest update.
+            let (Some((body, waker)), None) = (&mut entry.body, &entry.pending) else {
+                continue;
+            };
+            waker.queued.store(false, Ordering::Release);
+            let waker = Waker::from(waker.clone());
+            match Pin::new(&mut **body).poll_frame(&mut Context::from_waker(&waker)) {
+                Poll::Pending => {}
+                Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                    entry.pending = frame.into_data().ok().map(|data| (data, 0));
+                    // Polled again once this frame is out.
                     if !self.send(stream) {
                         self.blocked.push(stream);
                     }
                 }
-                None => {
+                Poll::Ready(_) => {
                     put_frame(&mut self.out, DATA, END_STREAM, stream, &[]);
                     self.streams.remove(&stream);
                 }
@@ -978,8 +1012,8 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
 
     /// Reads what the socket has; `Ok(false)` at its end.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
-        let mut chunk = [0_u8; READ_CHUNK];
-        let mut buf = ReadBuf::new(&mut chunk);
+        let mut chunk = [MaybeUninit::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
         ready!(Pin::new(&mut *self.io).poll_read(cx, &mut buf))?;
         if buf.filled().is_empty() {
             return Poll::Ready(Ok(false));
@@ -994,20 +1028,23 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     /// Runs the connection until it ends; an error ends it at once, after a GOAWAY if one
     /// was queued.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Once a turn: each registers this task's waker, and neither changes within the turn
+        // but through what the loop below does to the timer, which re-arming keeps registered.
+        if !self.going_away && self.draining.as_mut().poll(cx).is_ready() {
+            self.go_away(NO_ERROR);
+        }
+        if let Err(err) = self.poll_timer(cx) {
+            self.go_away(NO_ERROR);
+            return Poll::Ready(Err(err));
+        }
         loop {
-            if !self.going_away && self.draining.as_mut().poll(cx).is_ready() {
-                self.go_away(NO_ERROR);
-            }
-            if let Err(err) = self.poll_timer(cx) {
-                self.go_away(NO_ERROR);
-                return Poll::Ready(Err(err));
-            }
             if let Err(code) = self.on_frames() {
                 return Poll::Ready(Err(self.fail(code)));
             }
             self.send_blocked();
-            self.poll_bodies(cx);
+            // Before the bodies: a forwarded response that streams is polled in this turn.
             self.poll_forwarded(cx);
+            self.poll_bodies(cx);
             let written = self.poll_write(cx)?;
             let idle = self.streams.is_empty() && self.forwarded.is_empty();
             if self.going_away && idle && written.is_ready() {

@@ -221,7 +221,7 @@ impl<S> Connection<S> {
             unread: Vec::new(),
             matched: 0,
             open: None,
-            batch_writes: false,
+            served_by_hyper: false,
             deferred: 0,
             deferred_len: 0,
             stalled: None,
@@ -249,6 +249,7 @@ impl<S> Connection<S> {
                 }
             }
         }
+        io.served_by_hyper = true;
         let service = WithPeer {
             service: self.service,
             peer: PeerAddr(self.peer),
@@ -287,9 +288,6 @@ where
     }
 }
 
-/// What every HTTP/2 connection sends first (RFC 9113 §3.4).
-const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// HTTP/2 writes at least this large go out at once: they already carry many frames.
 const HTTP2_BATCH_BYTES: usize = 8192;
 /// An HTTP/2 write waits at most this many turns of the scheduler.
@@ -305,8 +303,10 @@ struct Counted<I> {
     matched: usize,
     /// The gauge this connection is counted in, once its protocol is known.
     open: Option<prometheus::IntGauge>,
-    /// HTTP/2: small writes wait for more frames while more keep coming.
-    batch_writes: bool,
+    /// Hyper serves the connection, and if it is HTTP/2, small writes wait for more frames
+    /// while more keep coming: hyper writes each stream's frames as they come. `h2` needs no
+    /// waiting, as it gathers every ready stream's frames into one write.
+    served_by_hyper: bool,
     /// Turns the pending write has waited, and its size when it last waited.
     deferred: u8,
     deferred_len: usize,
@@ -318,15 +318,14 @@ struct Counted<I> {
 
 impl<I> Counted<I> {
     fn sniff(&mut self, bytes: &[u8]) {
-        let expected = &HTTP2_PREFACE[self.matched..];
+        let expected = &h2::PREFACE[self.matched..];
         let compared = bytes.len().min(expected.len());
         if bytes[..compared] != expected[..compared] {
             self.count(|metrics| &metrics.http1);
         } else {
             self.matched += compared;
-            if self.matched == HTTP2_PREFACE.len() {
+            if self.matched == h2::PREFACE.len() {
                 self.count(|metrics| &metrics.http2);
-                self.batch_writes = true;
             }
         }
     }
@@ -368,9 +367,12 @@ impl<I> Counted<I> {
     /// Whether a write of `len` bytes should first yield to the tasks queued behind this one
     /// (after waking this task, which tokio then queues behind the others: a task that wakes
     /// itself is not run next). It waits while the write grows from turn to turn, up to a
-    /// size or a number of turns; on an idle system that is one turn.
-    /// Only called for HTTP/2 connections.
+    /// size or a number of turns; on an idle system that is one turn. Only hyper's HTTP/2
+    /// writes wait.
     fn defer(&mut self, len: usize, cx: &mut Context<'_>) -> bool {
+        if !self.served_by_hyper || self.matched < h2::PREFACE.len() {
+            return false;
+        }
         let growing = self.deferred == 0 || len > self.deferred_len;
         if growing && len < HTTP2_BATCH_BYTES && self.deferred < HTTP2_BATCH_TURNS {
             self.deferred += 1;
@@ -426,7 +428,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.batch_writes && this.defer(buf.len(), cx) {
+        if this.defer(buf.len(), cx) {
             return Poll::Pending;
         }
         let result = Pin::new(&mut this.io).poll_write(cx, buf);
@@ -439,7 +441,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.batch_writes && this.defer(bufs.iter().map(|buf| buf.len()).sum(), cx) {
+        if this.defer(bufs.iter().map(|buf| buf.len()).sum(), cx) {
             return Poll::Pending;
         }
         let result = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);

@@ -10,6 +10,7 @@
 //! waits while earlier bytes are still unsent, so that buffer holds one write at most.
 
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -183,8 +184,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
 
     /// Reads from the socket into `incoming`; the number of bytes read, 0 at its end.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut chunk = [0_u8; READ_CHUNK];
-        let mut read = ReadBuf::new(&mut chunk);
+        let mut chunk = [MaybeUninit::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut chunk);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
         self.incoming.extend_from_slice(read.filled());
         Poll::Ready(Ok(read.filled().len()))
@@ -296,13 +297,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         let this = self.get_mut();
         let len: usize = bufs.iter().map(|buf| buf.len()).sum();
         if len <= READ_CHUNK {
-            let mut gathered = [0_u8; READ_CHUNK];
-            let mut at = 0;
+            let mut storage = [MaybeUninit::uninit(); READ_CHUNK];
+            let mut gathered = ReadBuf::uninit(&mut storage);
             for buf in bufs {
-                gathered[at..at + buf.len()].copy_from_slice(buf);
-                at += buf.len();
+                gathered.put_slice(buf);
             }
-            this.poll_write_slices(cx, &[&gathered[..at]])
+            this.poll_write_slices(cx, &[gathered.filled()])
         } else {
             let slices: Vec<&[u8]> = bufs.iter().map(|buf| &buf[..]).collect();
             this.poll_write_slices(cx, &slices)
