@@ -1,5 +1,6 @@
 //! Connections to the service under test: TCP from one of several loopback source addresses,
-//! optionally TLS, then an HTTP/1.1 or HTTP/2 client connection from hyper.
+//! optionally TLS (with ALPN for the HTTP version), and hyper's HTTP/1.1 client for requests
+//! other than streams.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -8,8 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpSocket, TcpStream};
@@ -120,28 +121,15 @@ impl Target {
         })
     }
 
-    /// A request for `path` on this target, as SDKs and browsers send it: over HTTP/1.1 the
-    /// path and a `Host` header (hyper's connection-level client would send the whole URL),
-    /// over HTTP/2 the whole URL, which hyper splits into `:scheme`, `:authority` and `:path`.
-    pub fn request(
-        &self,
-        protocol: Protocol,
-        method: http::Method,
-        path: &str,
-        body: Bytes,
-    ) -> Request<Body> {
+    /// An HTTP/1.1 request for `path` on this target, as SDKs send it: the path and a `Host`
+    /// header (hyper's connection-level client would send the whole URL).
+    pub fn request(&self, method: http::Method, path: &str, body: Bytes) -> Request<Body> {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
-        let uri = match protocol {
-            Protocol::Http1 => {
-                let host = http::HeaderValue::try_from(&self.authority)
-                    .expect("the authority comes from a valid URL");
-                request.headers_mut().insert(http::header::HOST, host);
-                path.to_owned()
-            }
-            Protocol::Http2 => format!("{}://{}{path}", self.scheme, self.authority),
-        };
-        *request.uri_mut() = uri.parse().expect("the path is built from a valid URL");
+        let host = http::HeaderValue::try_from(&self.authority)
+            .expect("the authority comes from a valid URL");
+        request.headers_mut().insert(http::header::HOST, host);
+        *request.uri_mut() = path.parse().expect("the path is built from a valid URL");
         request
     }
 
@@ -153,19 +141,14 @@ impl Target {
         Ok(sender)
     }
 
-    /// An HTTP/2 connection, the `n`th this run opens.
-    pub async fn http2(&self, n: usize) -> Result<http2::SendRequest<Body>, Error> {
-        let io = self.connect(n).await?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(io))
-            .await?;
-        tokio::spawn(connection);
-        Ok(sender)
-    }
-
-    /// `host:port`, for `Host` headers.
+    /// `host:port`, for `Host` headers and `:authority`.
     pub fn authority(&self) -> &str {
         &self.authority
+    }
+
+    /// `http` or `https`, for `:scheme`.
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
     }
 
     /// A new connection, the `n`th this run opens (which picks its source address).

@@ -6,34 +6,31 @@
 //! as its first event, as a reconnecting SDK would); let the service settle and weigh it; publish
 //! updates 1..=U at a fixed interval; wait until every subscriber has the last one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use http::StatusCode;
-use http_body_util::BodyExt;
-use hyper::client::conn::http2;
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Body, Protocol, Target};
+use crate::client::{Protocol, Target};
 use crate::events::{Block, Numbering, SseReader};
 use crate::h1::Http1Stream;
+use crate::h2::{Event, Http2Connection};
 use crate::measure::{Percentiles, ProcessSample, ProcessUse, StreamState};
 use crate::publish::Publisher;
 use crate::{Common, Error, seconds};
 
 /// Publishes of one round go out over this many connections at once.
 const PUBLISH_CONNECTIONS: usize = 8;
-/// HTTP/1.1 subscribers driven by one task.
-const HTTP1_STREAMS_PER_TASK: usize = 1024;
+/// Subscribers driven by one task, on HTTP/2 in whole connections.
+const STREAMS_PER_TASK: usize = 1024;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -151,7 +148,8 @@ struct Shared {
     arrived: Vec<AtomicUsize>,
     /// Subscribers that failed for good.
     failed: AtomicUsize,
-    /// Caps connections being opened; a subscriber holds a permit until its first event.
+    /// Caps connections being opened; a connection holds a permit until its streams' first
+    /// events.
     connecting: Semaphore,
     numbering: Numbering,
     environments: usize,
@@ -199,12 +197,24 @@ struct Record {
     error: Option<String>,
 }
 
-/// How a subscriber reaches the service.
-#[derive(Clone)]
-enum Connection {
-    /// A new connection per stream, the `n`th of the run.
-    Http1(usize),
-    Http2(http2::SendRequest<Body>),
+impl Record {
+    fn new(environment: usize, updates: u64) -> Self {
+        Self {
+            environment,
+            connect: None,
+            first_event: None,
+            received: vec![None; updates as usize + 1],
+            malformed: 0,
+            reopened: 0,
+            error: None,
+        }
+    }
+
+    /// Ends the subscriber for good with `error`.
+    fn fail(&mut self, error: String, shared: &Shared) {
+        self.error = Some(error);
+        shared.failed.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl Args {
@@ -275,39 +285,37 @@ pub async fn run(args: Args) -> Result<Report, Error> {
         "opening {} {} streams over {} environment(s)...",
         args.subscribers, args.protocol, args.environments
     );
-    let connections = connections(&args, &target).await?;
-    let connection_count = match args.protocol {
-        Protocol::Http1 => args.subscribers,
-        Protocol::Http2 => connections.len(),
-    };
-    // Subscribers run in groups, one task per HTTP/2 connection or per few HTTP/1.1 streams:
-    // an update then wakes the generator's scheduler once per group, not once per stream,
-    // which keeps the generator's own CPU use down on the machine it shares with the service.
-    let group_size = match args.protocol {
-        Protocol::Http1 => HTTP1_STREAMS_PER_TASK,
+    let streams_per_connection = match args.protocol {
+        Protocol::Http1 => 1,
         Protocol::Http2 => args.streams_per_connection,
     };
+    let connection_count = args.subscribers.div_ceil(streams_per_connection);
+    // Subscribers run in groups, one task per few HTTP/1.1 streams or HTTP/2 connections: an
+    // update then wakes the generator's scheduler once per group, not once per stream, which
+    // keeps the generator's own CPU use down on the machine it shares with the service.
+    let connections_per_task = (STREAMS_PER_TASK / streams_per_connection).max(1);
     let mut tasks = JoinSet::new();
-    for first in (0..args.subscribers).step_by(group_size) {
-        let group: FuturesUnordered<_> = (first..args.subscribers.min(first + group_size))
-            .map(|i| {
-                let connection = match args.protocol {
-                    Protocol::Http1 => Connection::Http1(i),
-                    Protocol::Http2 => {
-                        Connection::Http2(connections[i / args.streams_per_connection].clone())
-                    }
-                };
-                let environment = i % args.environments;
+    for first in (0..connection_count).step_by(connections_per_task) {
+        let group: FuturesUnordered<_> = (first
+            ..connection_count.min(first + connections_per_task))
+            .map(|n| {
+                let subscribers = (n * streams_per_connection
+                    ..args.subscribers.min((n + 1) * streams_per_connection))
+                    .map(|i| (keys[i % args.environments].clone(), i % args.environments))
+                    .collect();
                 subscribe(
                     target.clone(),
-                    connection,
-                    keys[environment].clone(),
-                    environment,
+                    args.protocol,
+                    n,
+                    subscribers,
                     shared.clone(),
                 )
             })
             .collect();
-        tasks.spawn(group.collect::<Vec<Record>>());
+        tasks.spawn(async move {
+            let records: Vec<Vec<Record>> = group.collect().await;
+            records.into_iter().flatten().collect::<Vec<Record>>()
+        });
     }
     if !shared.wait_for_all(0, args.subscribers, limit).await {
         eprintln!(
@@ -392,34 +400,6 @@ pub async fn run(args: Args) -> Result<Report, Error> {
     Ok(report)
 }
 
-/// The HTTP/2 connections the streams share; none for HTTP/1.1, whose streams connect alone.
-async fn connections(
-    args: &Args,
-    target: &Arc<Target>,
-) -> Result<Vec<http2::SendRequest<Body>>, Error> {
-    if args.protocol == Protocol::Http1 {
-        return Ok(Vec::new());
-    }
-    let count = args.subscribers.div_ceil(args.streams_per_connection);
-    let mut opening = JoinSet::new();
-    let mut connections = Vec::with_capacity(count);
-    for n in 0..count {
-        let target = target.clone();
-        opening.spawn(async move { (n, target.http2(n).await) });
-        if opening.len() >= args.connect_concurrency.max(1) {
-            connections.push(opening.join_next().await.expect("one is running")?);
-        }
-    }
-    while let Some(opened) = opening.join_next().await {
-        connections.push(opened?);
-    }
-    connections.sort_by_key(|(n, _)| *n);
-    connections
-        .into_iter()
-        .map(|(_, connection)| connection)
-        .collect()
-}
-
 /// Publishes `update` to every environment, spread over the publishers.
 async fn publish_round(
     publishers: &mut [Publisher],
@@ -456,94 +436,155 @@ async fn publish_round(
     Ok(())
 }
 
-/// One subscriber: opens its stream, reads events until the run stops, and opens it again if
-/// the service ends it, as SDKs do.
+/// The subscribers of one connection, the `n`th of the run: each opens its stream and reads
+/// events until the run stops, and opens it again if the service ends it, as SDKs do. Each is
+/// given as its environment's key and number.
 async fn subscribe(
     target: Arc<Target>,
-    connection: Connection,
-    key: String,
-    environment: usize,
+    protocol: Protocol,
+    n: usize,
+    subscribers: Vec<(String, usize)>,
     shared: Arc<Shared>,
-) -> Record {
-    let mut record = Record {
-        environment,
-        connect: None,
-        first_event: None,
-        received: vec![None; shared.updates as usize + 1],
-        malformed: 0,
-        reopened: 0,
-        error: None,
-    };
+) -> Vec<Record> {
+    let mut records: Vec<Record> = subscribers
+        .iter()
+        .map(|&(_, environment)| Record::new(environment, shared.updates))
+        .collect();
+    let paths: Vec<String> = subscribers
+        .iter()
+        .map(|(key, _)| format!("/sse/environments/{key}/stream"))
+        .collect();
     let permit = shared.connecting.acquire().await.expect("never closed");
-    let mut permit = Some(permit);
-    let path = format!("/sse/environments/{key}/stream");
-    loop {
-        let stream = tokio::select! {
-            () = shared.stop.cancelled() => return record,
-            stream = read_stream(&target, &connection, &path, &shared, &mut record, &mut permit) => stream,
-        };
-        match stream {
-            Ok(()) if record.first_event.is_some() => record.reopened += 1,
-            Ok(()) => {
-                record.error = Some("stream ended before its first event".into());
-                break;
+    let read = async {
+        match protocol {
+            Protocol::Http1 => {
+                read_http1(&target, n, &paths[0], &shared, &mut records[0], permit).await
             }
-            Err(err) => {
-                record.error = Some(err.to_string());
-                break;
-            }
+            Protocol::Http2 => read_http2(&target, n, &paths, &shared, &mut records, permit).await,
+        }
+    };
+    let result = tokio::select! {
+        () = shared.stop.cancelled() => Ok(()),
+        result = read => result,
+    };
+    if let Err(err) = result {
+        for record in records.iter_mut().filter(|record| record.error.is_none()) {
+            record.fail(err.to_string(), &shared);
         }
     }
-    shared.failed.fetch_add(1, Ordering::AcqRel);
-    record
+    records
 }
 
-/// Reads one stream until the service ends it.
-async fn read_stream(
+/// Reads an HTTP/1.1 stream, and opens it again each time the service ends it.
+async fn read_http1(
     target: &Target,
-    connection: &Connection,
+    n: usize,
     path: &str,
     shared: &Shared,
     record: &mut Record,
-    permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
+    permit: SemaphorePermit<'_>,
 ) -> Result<(), Error> {
-    let started = shared.now();
-    let mut events = Events {
-        shared,
-        started,
-        reader: SseReader::default(),
-    };
-    match connection {
-        Connection::Http1(n) => {
-            let mut stream = Http1Stream::open(target, *n, path).await?;
-            record.connect.get_or_insert(shared.now() - started);
-            while stream.read(|data| events.push(record, data)).await? {
-                if record.first_event.is_some() {
-                    permit.take();
-                }
+    let mut permit = Some(permit);
+    loop {
+        let mut events = Events::new(shared);
+        let mut stream = Http1Stream::open(target, n, path).await?;
+        record.connect.get_or_insert(shared.now() - events.started);
+        while stream.read(|data| events.push(record, data)).await? {
+            if record.first_event.is_some() {
+                permit.take();
             }
         }
-        Connection::Http2(sender) => {
-            let request = target.request(Protocol::Http2, http::Method::GET, path, Bytes::new());
-            let mut sender = sender.clone();
-            sender.ready().await?;
-            let response = sender.send_request(request).await?;
-            if response.status() != StatusCode::OK {
-                return Err(format!("stream answered {}", response.status()).into());
-            }
-            record.connect.get_or_insert(shared.now() - started);
-            let mut body = response.into_body();
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame?.into_data() {
-                    events.push(record, &data);
+        if record.first_event.is_none() {
+            return Err("stream ended before its first event".into());
+        }
+        record.reopened += 1;
+    }
+}
+
+/// Opens an HTTP/2 connection with a stream for each of `records`, reads them, and opens a
+/// stream again each time the service ends one.
+async fn read_http2(
+    target: &Target,
+    n: usize,
+    paths: &[String],
+    shared: &Shared,
+    records: &mut [Record],
+    permit: SemaphorePermit<'_>,
+) -> Result<(), Error> {
+    let mut permit = Some(permit);
+    let mut connection = Http2Connection::open(target, n).await?;
+    // Each open stream's subscriber, and its events.
+    let mut streams = HashMap::new();
+    for (i, path) in paths.iter().enumerate() {
+        streams.insert(connection.get(path), (i, Events::new(shared)));
+    }
+    let mut ended = Vec::new();
+    loop {
+        connection.flush().await?;
+        let open = connection
+            .read(|event| {
+                let (stream, data, end) = match event {
+                    Event::Head {
+                        stream,
+                        status,
+                        ended,
+                    } => {
+                        let Some((i, events)) = streams.get(&stream) else {
+                            return;
+                        };
+                        if status != 200 {
+                            records[*i].fail(format!("stream answered {status}"), shared);
+                            streams.remove(&stream);
+                            return;
+                        }
+                        records[*i]
+                            .connect
+                            .get_or_insert(shared.now() - events.started);
+                        (stream, &[][..], ended)
+                    }
+                    Event::Data {
+                        stream,
+                        data,
+                        ended,
+                    } => (stream, data, ended),
+                    Event::Reset { stream, code } => {
+                        if let Some((i, _)) = streams.remove(&stream) {
+                            records[i].fail(format!("stream reset with error {code:#x}"), shared);
+                        }
+                        return;
+                    }
+                };
+                let Some((i, events)) = streams.get_mut(&stream) else {
+                    return;
+                };
+                events.push(&mut records[*i], data);
+                if end {
+                    ended.push(stream);
                 }
-                if record.first_event.is_some() {
-                    permit.take();
-                }
+            })
+            .await?;
+        for stream in ended.drain(..) {
+            let Some((i, _)) = streams.remove(&stream) else {
+                continue;
+            };
+            if records[i].first_event.is_none() {
+                records[i].fail("stream ended before its first event".into(), shared);
+            } else {
+                records[i].reopened += 1;
+                streams.insert(connection.get(&paths[i]), (i, Events::new(shared)));
             }
+        }
+        if permit.is_some()
+            && records
+                .iter()
+                .all(|record| record.first_event.is_some() || record.error.is_some())
+        {
+            permit.take();
+        }
+        if !open {
+            return Err("the service closed the connection".into());
         }
     }
-    Ok(())
 }
 
 /// The events of one stream, recorded as they are read.
@@ -554,7 +595,15 @@ struct Events<'a> {
     reader: SseReader,
 }
 
-impl Events<'_> {
+impl<'a> Events<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        Self {
+            shared,
+            started: shared.now(),
+            reader: SseReader::default(),
+        }
+    }
+
     fn push(&mut self, record: &mut Record, data: &[u8]) {
         let now = self.shared.now();
         let (shared, started) = (self.shared, self.started);

@@ -21,6 +21,7 @@ mod client;
 mod events;
 mod fanout;
 mod h1;
+mod h2;
 mod measure;
 mod publish;
 mod throughput;

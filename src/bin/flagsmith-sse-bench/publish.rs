@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 
 use crate::Error;
-use crate::client::{Body, Protocol, Target};
+use crate::client::{Body, Target};
 
 pub struct Publisher {
     sender: http1::SendRequest<Body>,
@@ -57,7 +57,6 @@ impl Publisher {
 
     async fn send(&mut self, key: &str, body: Bytes) -> Result<u16, Error> {
         let mut request = self.target.request(
-            Protocol::Http1,
             http::Method::POST,
             &format!("/sse/environments/{key}/queue-change"),
             body,
@@ -78,6 +77,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::client::Protocol;
 
     /// A server that answers one request per connection and then closes it, as the service
     /// does with a keep-alive connection idle for too long.
