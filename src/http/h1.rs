@@ -88,7 +88,8 @@ where
         // Nothing else was read with the head: its memory goes back while the stream runs.
         head.clear();
         head.shrink_to_fit();
-        let after = match stream(io, SseBody::new(subscription), request.close).await {
+        let mut body = Some(SseBody::new(subscription));
+        let after = match stream(io, &mut body, request.close).await {
             Ok(after) => after,
             Err(_) => return Outcome::Closed,
         };
@@ -250,38 +251,47 @@ struct AfterStream {
     close: bool,
 }
 
-/// Writes `body` as a chunked response until it ends. Fails when the client is gone.
-async fn stream<I>(io: &mut I, mut body: SseBody, close: bool) -> io::Result<AfterStream>
+/// Writes `body` as a chunked response until it ends, and drops it before the last chunk goes
+/// out. Fails when the client is gone.
+///
+/// The body is the caller's: a future keeps an argument moved into it twice (as the argument
+/// and as the local it is bound to), and every idle connection carries this future.
+async fn stream<I>(io: &mut I, body: &mut Option<SseBody>, close: bool) -> io::Result<AfterStream>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let Some(sse) = body else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
     let mut peer = Peer {
         read: Vec::new(),
         reading: true,
     };
-    let head = response_head(close);
+    // One slot for the head and one for the data, in place across every write: each local
+    // held across an await widens this future, which an idle subscriber carries.
+    let mut head = Some(response_head(close));
     // The first event, when one is known, leaves with the head.
-    let first = poll_fn(|cx| Poll::Ready(poll_data(&mut body, cx))).await;
-    let (mut head, mut data) = match first {
-        Poll::Ready(data) => (Some(head), data),
+    let mut data = match poll_fn(|cx| Poll::Ready(poll_data(sse, cx))).await {
+        Poll::Ready(data) => data,
         Poll::Pending => {
-            write_all(io, &mut [IoSlice::new(&head)]).await?;
-            (None, next_data(io, &mut body, &mut peer).await?)
+            write_all(io, &mut [IoSlice::new(head.as_deref().unwrap_or_default())]).await?;
+            head = None;
+            next_data(io, sse, &mut peer).await?
         }
     };
-    while let Some(frame) = data {
+    while let Some(frame) = &data {
         let size = ChunkSize::new(frame.len());
         let mut slices = [
             IoSlice::new(head.as_deref().unwrap_or_default()),
             IoSlice::new(size.as_bytes()),
-            IoSlice::new(&frame),
+            IoSlice::new(frame),
             IoSlice::new(b"\r\n"),
         ];
         write_all(io, &mut slices).await?;
         head = None;
-        data = next_data(io, &mut body, &mut peer).await?;
+        data = next_data(io, sse, &mut peer).await?;
     }
-    drop(body);
+    *body = None;
     let mut slices = [
         IoSlice::new(head.as_deref().unwrap_or_default()),
         IoSlice::new(b"0\r\n\r\n"),

@@ -122,8 +122,8 @@ pub async fn serve<S, B>(
             Request<hyper::body::Incoming>,
             Response = Response<B>,
             Error = Infallible,
-        > + Clone
-        + Send
+        > + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
@@ -131,6 +131,9 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    // Shared, not cloned into each connection: a connection's task keeps what it was given
+    // for its whole life, twice over (an async fn's argument and the local it is moved into).
+    let service = Arc::new(service);
     loop {
         let (socket, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -145,20 +148,24 @@ pub async fn serve<S, B>(
         };
         // Events are small and latency matters more than packet count.
         let _ = socket.set_nodelay(true);
-        let connection = Connection {
+        // Served through a reference from the task's future, which owns it: an async fn's
+        // by-value argument would take its room twice (the argument and the local it is
+        // moved into) in a future every connection carries for its whole life.
+        let mut connection = Connection {
             shared: connections.clone(),
             service: service.clone(),
             streams: streams.clone(),
-            watcher: graceful.watcher(),
             peer,
             log: log.clone(),
         };
         match &tls {
             None => {
-                tokio::spawn(connection.serve(socket));
+                let watcher = graceful.watcher();
+                tokio::spawn(async move { connection.serve(socket, watcher).await });
             }
             Some(config) => {
                 let handshake = crate::tls::accept(socket, config.clone());
+                let watcher = graceful.watcher();
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let handshake = tokio::select! {
@@ -172,7 +179,8 @@ pub async fn serve<S, B>(
                         // was moved into (6.6 KB per idle TLS connection where it is 1.5 KB
                         // without TLS).
                         Ok(Ok(stream)) => {
-                            tokio::spawn(connection.serve(Box::new(stream)));
+                            let stream = Box::new(stream);
+                            tokio::spawn(async move { connection.serve(stream, watcher).await });
                         }
                         Ok(Err(err)) => {
                             connection.shared.metrics.tls_handshake_errors.inc();
@@ -194,15 +202,15 @@ pub async fn serve<S, B>(
 /// One accepted connection, before its protocol is known.
 struct Connection<S> {
     shared: Arc<Connections>,
-    service: S,
+    service: Arc<S>,
     streams: Option<Streams>,
-    watcher: Watcher,
     peer: SocketAddr,
     log: Logger,
 }
 
 impl<S> Connection<S> {
-    async fn serve<I, B>(self, io: I)
+    /// Serves the connection; `watcher` lets a graceful shutdown wait for hyper's connections.
+    async fn serve<I, B>(&mut self, io: I, watcher: Watcher)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<
@@ -210,6 +218,7 @@ impl<S> Connection<S> {
                 Response = Response<B>,
                 Error = Infallible,
             > + Send
+            + Sync
             + 'static,
         S::Future: Send + 'static,
         B: http_body::Body + Send + 'static,
@@ -251,7 +260,7 @@ impl<S> Connection<S> {
         }
         io.served_by_hyper = true;
         let service = WithPeer {
-            service: self.service,
+            service: self.service.clone(),
             peer: PeerAddr(self.peer),
         };
         let connection = self
@@ -261,7 +270,7 @@ impl<S> Connection<S> {
             .into_owned();
         // Boxed: the task of every connection is allocated at the size of its largest state,
         // and hyper's is kilobytes that a connection served by `h1` never uses.
-        if let Err(err) = Box::pin(self.watcher.watch(connection)).await {
+        if let Err(err) = Box::pin(watcher.watch(connection)).await {
             debug!(self.log, "connection ended with an error"; "peer" => %self.peer, "error" => %err);
         }
     }
@@ -270,7 +279,7 @@ impl<S> Connection<S> {
 /// A connection's service, which tells every request whom it came from.
 #[derive(Clone)]
 struct WithPeer<S> {
-    service: S,
+    service: Arc<S>,
     peer: PeerAddr,
 }
 
