@@ -10,6 +10,7 @@
 //! Connections are served by [`stream`], over rustls's unbuffered API: an idle connection
 //! holds no buffer.
 
+mod chacha;
 mod stream;
 
 pub use stream::{TlsStream, accept};
@@ -21,7 +22,7 @@ use std::sync::{Arc, RwLock};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, version};
+use rustls::{CipherSuite, ServerConfig, version};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -71,7 +72,7 @@ pub struct Certificate {
 impl Certificate {
     /// Reads and checks the pair; a missing, unreadable or mismatched pair is an error.
     pub fn load(files: &TlsConfig) -> Result<Arc<Self>, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let pair = read_pair(files, &provider)?;
         Ok(Arc::new(Self {
             files: files.clone(),
@@ -114,6 +115,8 @@ impl Certificate {
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // The service's order of suites, ChaCha20-Poly1305 first (see `provider`).
+        config.ignore_client_order = true;
         // SDKs reconnect every `max_stream_age`; session tickets let them resume without a full
         // handshake, which saves the service most of the handshake's CPU. Tickets only, no
         // server-side session cache: its entries could not be dropped on reload.
@@ -163,6 +166,19 @@ impl ProducesTickets for TicketKeys {
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
         self.current().decrypt(cipher)
     }
+}
+
+/// ring's algorithms, with TLS 1.3's ChaCha20-Poly1305 first and its keys held compactly
+/// ([`chacha`]), chosen over AES-GCM whenever a client offers it (current browsers, OpenSSL,
+/// Go, Java, rustls, .NET on Linux): an idle TLS connection then holds about 1 KiB less. On
+/// records as small as events the two ciphers cost about the same.
+fn provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|suite| suite.suite() != CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    provider.cipher_suites.insert(0, chacha::suite());
+    provider
 }
 
 fn new_ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
