@@ -7,8 +7,9 @@
 //! also replaces the session-ticket keys: a session begun under the old pair is not resumed
 //! under the new one, which matters when a pair is replaced because its key leaked.
 //!
-//! Connections are served by [`stream`], over rustls's unbuffered API: an idle connection
-//! holds no buffer.
+//! Connections are served by `stream`, over rustls's unbuffered API: an idle connection
+//! holds no buffer. TLS 1.3 connections prefer `chacha`'s ChaCha20-Poly1305, whose keys an
+//! idle connection holds in 88 bytes.
 
 mod chacha;
 mod stream;
