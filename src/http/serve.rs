@@ -151,7 +151,7 @@ pub async fn serve<S, B>(
         // Served through a reference from the task's future, which owns it: an async fn's
         // by-value argument would take its room twice (the argument and the local it is
         // moved into) in a future every connection carries for its whole life.
-        let mut connection = Connection {
+        let connection = Connection {
             shared: connections.clone(),
             service: service.clone(),
             streams: streams.clone(),
@@ -210,7 +210,7 @@ struct Connection<S> {
 
 impl<S> Connection<S> {
     /// Serves the connection; `watcher` lets a graceful shutdown wait for hyper's connections.
-    async fn serve<I, B>(&mut self, io: I, watcher: Watcher)
+    async fn serve<I, B>(&self, io: I, watcher: Watcher)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<
