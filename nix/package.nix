@@ -21,6 +21,11 @@ rustPlatform.buildRustPackage {
       ../Cargo.lock
       ../src
       ../tests
+      # The load generator, a member of the Cargo workspace: Cargo reads every member's
+      # manifest, and the check phase runs its smoke test.
+      ../bench/Cargo.toml
+      ../bench/src
+      ../bench/tests
       ../etc/flagsmith-sse.toml
       ../etc/grafana/flagsmith-sse.json
       ../etc/compose.yaml
@@ -30,6 +35,8 @@ rustPlatform.buildRustPackage {
   };
 
   cargoLock.lockFile = ../Cargo.lock;
+  # The service only: the check phase builds and tests the load generator, which is not installed.
+  cargoBuildFlags = [ "--package" "flagsmith-sse" ];
 
   # The tests start real nats-server and redis-server processes (single servers, TLS and a
   # cluster) on loopback, drive them with redis-cli, and check /metricsz and the Grafana

@@ -20,7 +20,12 @@ impl Daemon {
 
     /// Listening on a dynamic loopback port: `LISTEN_ADDR` is set unless `envs` sets it.
     pub fn spawn_with_args(args: &[&str], envs: &[(&str, String)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flagsmith-sse"));
+        // Set only in the service's own tests: the load generator's smoke test shares these
+        // helpers but runs the service in its own process.
+        let Some(binary) = option_env!("CARGO_BIN_EXE_flagsmith-sse") else {
+            panic!("the real binary is there only in the flagsmith-sse package's tests");
+        };
+        let mut command = Command::new(binary);
         command.args(args);
         for (name, _) in std::env::vars() {
             if name.starts_with("FLAGSMITH_SSE_")

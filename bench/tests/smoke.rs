@@ -2,6 +2,8 @@
 //! subscribers over HTTP/1.1, h2c and HTTP/2 over TLS, and short throughput runs. They keep the
 //! load generator working; the full-size runs and their figures are in README.md "Performance".
 
+// The service's own test helpers: the service in this process, nats-server and redis-server.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::Output;
