@@ -3,14 +3,16 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use slog::Logger;
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
+use crate::secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -30,12 +32,14 @@ pub struct Authenticator {
     /// candidate's length or content, and the token itself never sits in memory we may log.
     digest: RwLock<[u8; 32]>,
     file: Option<PathBuf>,
+    /// For warnings about the token file's permissions, each time it is read.
+    log: Logger,
 }
 
 impl Authenticator {
-    pub fn from_config(config: &Config) -> Result<Self, AuthError> {
+    pub fn from_config(config: &Config, log: &Logger) -> Result<Self, AuthError> {
         let (token, file) = match &config.authentication_token_file {
-            Some(path) => (read_token(path)?, Some(path.clone())),
+            Some(path) => (read_token(path, log)?, Some(path.clone())),
             // Config validation guarantees one of the two is set.
             None => (
                 config
@@ -49,6 +53,7 @@ impl Authenticator {
         Ok(Self {
             digest: RwLock::new(digest(&token)),
             file,
+            log: log.clone(),
         })
     }
 
@@ -58,7 +63,7 @@ impl Authenticator {
         let Some(path) = &self.file else {
             return Ok(false);
         };
-        let fresh = digest(&read_token(path)?);
+        let fresh = digest(&read_token(path, &self.log)?);
         let mut current = self.digest.write().unwrap_or_else(|p| p.into_inner());
         let changed = *current != fresh;
         *current = fresh;
@@ -157,14 +162,15 @@ impl Throttle {
     }
 }
 
-fn read_token(path: &PathBuf) -> Result<String, AuthError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
-        path: path.clone(),
+fn read_token(path: &Path, log: &Logger) -> Result<String, AuthError> {
+    let text = secret::read(path, "token", log).map_err(|source| AuthError::Read {
+        path: path.to_path_buf(),
         source,
     })?;
+    // Spaces around the token are never part of it: `verify` trims them from the header.
     let token = text.trim();
     if token.is_empty() {
-        return Err(AuthError::Empty(path.clone()));
+        return Err(AuthError::Empty(path.to_path_buf()));
     }
     Ok(token.to_owned())
 }
@@ -183,7 +189,7 @@ mod tests {
             authentication_token: Some(Secret::new(token.to_owned())),
             ..Config::default()
         };
-        Authenticator::from_config(&config).unwrap()
+        Authenticator::from_config(&config, &slog::Logger::root(slog::Discard, slog::o!())).unwrap()
     }
 
     #[test]
@@ -281,7 +287,9 @@ mod tests {
             authentication_token_file: Some(path.clone()),
             ..Config::default()
         };
-        let auth = Authenticator::from_config(&config).unwrap();
+        let auth =
+            Authenticator::from_config(&config, &slog::Logger::root(slog::Discard, slog::o!()))
+                .unwrap();
         assert!(auth.verify(Some(b"Token first")));
         std::fs::write(&path, "second").unwrap();
         assert!(auth.reload().unwrap());

@@ -1,8 +1,7 @@
 //! The crate's top-level error: one variant per domain.
 
 use crate::auth::AuthError;
-use crate::backend::nats::NatsError;
-use crate::backend::redis::RedisError;
+use crate::backend::StartError;
 use crate::config::ConfigError;
 use crate::tls::TlsError;
 
@@ -13,9 +12,7 @@ pub enum Error {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
-    Nats(#[from] NatsError),
-    #[error(transparent)]
-    Redis(#[from] RedisError),
+    Backend(#[from] StartError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]

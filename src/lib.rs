@@ -12,12 +12,16 @@
 //!   loop (HTTP/1.1, HTTP/2, h2c).
 //! - [`tls`]: certificates for TLS listeners, reloaded on SIGHUP.
 //! - [`auth`]: the publish token, rotated on SIGHUP.
+//! - [`secret`]: reading the files that hold secrets, and warning when others can read them.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.
 //! - [`shutdown`]: signals, mapped to shutdown and reload.
 //! - [`metrics`]: the Prometheus metrics served at `/metricsz`.
 //! - [`logging`]: the slog logger.
 //!
 //! [`run`] ties them together; `main.rs` only parses the command line and binds.
+//!
+//! Imports run one way, from this file down: `http` → `auth`, `backend`, `tls` → `hub`,
+//! `secret` → `domain`, `config`, `metrics`. `tests/layers.rs` holds them to it.
 
 pub mod auth;
 pub mod backend;
@@ -28,6 +32,7 @@ pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod metrics;
+pub mod secret;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;
@@ -64,12 +69,7 @@ pub async fn run(
     control: Control,
     log: Logger,
 ) -> Result<()> {
-    let auth = Arc::new(auth::Authenticator::from_config(&config)?);
-    if let Some(path) = &config.authentication_token_file
-        && config::readable_by_others(path)
-    {
-        warn!(log, "the token file is readable by other users"; "path" => %path.display());
-    }
+    let auth = Arc::new(auth::Authenticator::from_config(&config, &log)?);
     // Certificates first: a bad pair stops start-up before anything connects.
     let public_endpoints = match listeners.publish {
         Some(_) => http::Endpoints::STREAMS,
@@ -248,10 +248,11 @@ impl Served {
         let certificate = match tls {
             Some(files) => {
                 let certificate = tls::Certificate::load(files)?;
-                if config::readable_by_others(&files.key_file) {
-                    warn!(log, "the tls key file is readable by other users";
-                        "listener" => name, "path" => %files.key_file.display());
-                }
+                secret::check_permissions(
+                    &files.key_file,
+                    "tls key",
+                    &log.new(slog::o!("listener" => name)),
+                );
                 info!(log, "loaded the tls certificate";
                     "listener" => name,
                     "file" => %files.certificate_file.display(),

@@ -26,6 +26,16 @@ pub enum BackendError {
     NotAcknowledged(String),
 }
 
+/// Why a backend could not start: its settings or files are unusable. (A broker that is
+/// down is not one: backends connect in the background.)
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Nats(#[from] nats::NatsError),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// Why a reload left the backend as it was.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
@@ -65,7 +75,7 @@ pub async fn start(
     hub: Arc<Hub>,
     metrics: &Metrics,
     log: &slog::Logger,
-) -> crate::Result<Arc<dyn Backend>> {
+) -> Result<Arc<dyn Backend>, StartError> {
     Ok(match config.backend {
         BackendKind::Memory => {
             // Nothing to connect to: always up.

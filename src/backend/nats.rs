@@ -32,6 +32,7 @@ use crate::config::{NatsConfig, NatsStorage};
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 use crate::hub::Hub;
 use crate::metrics::{BackendMetrics, NatsMetrics};
+use crate::secret;
 
 /// Subjects of all environments; one token per environment key follows the prefix.
 pub const SUBJECT_PREFIX: &str = "flagsmith.environment.";
@@ -96,7 +97,7 @@ impl NatsBackend {
         backend_metrics: BackendMetrics,
         metrics: NatsMetrics,
         log: &Logger,
-    ) -> crate::Result<Self> {
+    ) -> Result<Self, NatsError> {
         let log = log.new(slog::o!("backend" => "nats"));
         let (connected_tx, connected) = watch::channel(false);
         let events = Arc::new(ConnectionEvents {
@@ -118,6 +119,7 @@ impl NatsBackend {
                 async move { events.record(event) }
             });
         if let Some(path) = &config.credentials_file {
+            secret::check_permissions(path, "nats credentials", &log);
             options =
                 options
                     .credentials_file(path)
@@ -133,7 +135,7 @@ impl NatsBackend {
             .connect(servers)
             .await
             .map_err(|source| NatsError::Connect {
-                url: redact_url(&config.url),
+                url: config.redacted_url(),
                 source,
             })?;
         let jetstream = jetstream::new(client.clone());
@@ -168,7 +170,7 @@ impl NatsBackend {
             synced,
             stop,
             follower: tokio::sync::Mutex::new(Some(task)),
-            servers: redact_url(&config.url),
+            servers: config.redacted_url(),
             metrics,
         })
     }
@@ -623,31 +625,9 @@ fn reconnect_delay(attempts: usize) -> Duration {
     }
 }
 
-/// `nats://user:secret@host` → `nats://user:***@host`, for logs and status lines.
-pub fn redact_url(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme_end), Some(at)) if at > scheme_end => {
-                format!("{}***{}", &url[..scheme_end + 3], &url[at..])
-            }
-            _ => url.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_never_reach_logs() {
-        assert_eq!(
-            redact_url("nats://user:pw@a:4222,tls://tok@b"),
-            "nats://***@a:4222,tls://***@b"
-        );
-        assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
-    }
 
     #[test]
     fn reconnection_attempts_are_never_far_apart() {

@@ -21,7 +21,7 @@
 //! a new connection, then swaps it in, so that reconnections use the new password. Rotate by
 //! letting Redis accept the new password first (an ACL user may have two), then reload.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +45,7 @@ use crate::config::RedisConfig;
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 use crate::hub::Hub;
 use crate::metrics::{BackendMetrics, RedisMetrics};
+use crate::secret;
 
 /// Stores an update if it is newer than the stored one, and announces it.
 ///
@@ -208,6 +209,7 @@ pub struct RedisBackend {
     connector: std::sync::Mutex<Connector>,
     /// Hands a reload's new connection to the follower.
     replacements: mpsc::UnboundedSender<Replacement>,
+    log: Logger,
 }
 
 /// A connection made and subscribed with a new password, with the connector that made it.
@@ -225,7 +227,7 @@ impl RedisBackend {
         backend_metrics: BackendMetrics,
         metrics: RedisMetrics,
         log: &Logger,
-    ) -> crate::Result<Self> {
+    ) -> Result<Self, RedisError> {
         let log = log.new(slog::o!("backend" => "redis"));
         let address = format!(
             "{}://{}:{}",
@@ -235,12 +237,7 @@ impl RedisBackend {
         );
         let password = match (&config.password, &config.password_file) {
             (Some(password), _) => Some(password.expose().to_owned()),
-            (None, Some(path)) => {
-                if crate::config::readable_by_others(path) {
-                    warn!(log, "the redis password file is readable by other users"; "path" => %path.display());
-                }
-                Some(read_password(path)?)
-            }
+            (None, Some(path)) => Some(read_password(path, &log)?),
             (None, None) => None,
         };
         let certificates = match &config.tls_ca_file {
@@ -288,7 +285,7 @@ impl RedisBackend {
             resync_interval: config.resync_interval.duration(),
             ever_connected: false,
             failure_logged: false,
-            log,
+            log: log.clone(),
         };
         let task = tokio::spawn(follower.run(stop.clone()));
         Ok(Self {
@@ -299,6 +296,7 @@ impl RedisBackend {
             config: config.clone(),
             connector: std::sync::Mutex::new(connector),
             replacements: replacements_tx,
+            log,
         })
     }
 
@@ -377,7 +375,7 @@ impl Backend for RedisBackend {
             let Some(path) = &self.config.password_file else {
                 return Ok(false);
             };
-            let password = read_password(path)?;
+            let password = read_password(path, &self.log)?;
             let connector = {
                 let current = self.connector.lock().expect("never poisoned");
                 if current.password.as_deref() == Some(password.as_str()) {
@@ -441,13 +439,11 @@ fn node_info(config: &RedisConfig, password: Option<&str>) -> redis::ConnectionI
         .set_redis_settings(redis)
 }
 
-/// The password in `path`, without the line break that editors and `echo` add.
-fn read_password(path: &PathBuf) -> Result<String, RedisError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RedisError::PasswordFile {
-        path: path.clone(),
+fn read_password(path: &Path, log: &Logger) -> Result<String, RedisError> {
+    secret::read(path, "redis password", log).map_err(|source| RedisError::PasswordFile {
+        path: path.to_path_buf(),
         source,
-    })?;
-    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+    })
 }
 
 fn read_ca_file(path: &PathBuf) -> Result<TlsCertificates, RedisError> {
