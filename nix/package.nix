@@ -12,8 +12,8 @@ rustPlatform.buildRustPackage {
   pname = manifest.name;
   inherit (manifest) version;
 
-  # Only what the build and its tests read, so editing the README or the Nix files does not
-  # rebuild the package.
+  # Only what the build and its tests read, so editing the README, docs/ or the Nix files does
+  # not rebuild the package.
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
