@@ -1,4 +1,4 @@
-//! The fault suite (README, "Reliability"): the real binary while NATS is killed, while a NATS
+//! The fault suite (docs/reliability.md): the real binary while NATS is killed, while a NATS
 //! cluster loses a node, while an instance is killed, under a reconnect herd, beside stuck
 //! readers, and over a soak of streams ending and reconnecting.
 //!
@@ -917,7 +917,7 @@ async fn flagsmith_across_a_nats_cluster_losing_the_stream_leader() {
         .filter(|send| send.stored_at_attempt.is_none())
         .count();
     // Not asserted to be none: the new leader's election can outlast Flagsmith's three
-    // attempts, about 6 s in all. The README reports the figures.
+    // attempts, about 6 s in all. docs/reliability.md reports the figures.
     report(
         "flagsmith-retries-nats-cluster",
         json!({

@@ -1,6 +1,6 @@
 //! Smoke runs of `flagsmith-sse-bench` against the service on NATS and on Redis: a few hundred
 //! subscribers over HTTP/1.1, h2c and HTTP/2 over TLS, and short throughput runs. They keep the
-//! load generator working; the full-size runs and their figures are in README.md "Performance".
+//! load generator working; the full-size runs and their figures are in docs/performance.md.
 
 // The service's own test helpers: the service in this process, nats-server and redis-server.
 #[path = "../../tests/common/mod.rs"]
