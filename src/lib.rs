@@ -98,7 +98,7 @@ pub async fn run(
         config.retention.duration(),
         metrics.hub.clone(),
     ));
-    let backend = backend::start(&config, hub.clone(), &metrics, &log).await?;
+    let backend = Arc::new(backend::start(&config, hub.clone(), &metrics, &log).await?);
     info!(log, "starting";
         "listen" => %served[0].addr,
         "tls" => served[0].certificate.is_some(),
@@ -164,7 +164,7 @@ pub async fn run(
 
     systemd.status(&format!("waiting for {}", backend.describe()));
     tokio::select! {
-        () = backend.ready() => {
+        () = backend.readiness().wait() => {
             info!(log, "ready"; "backend" => backend.describe());
             systemd.ready(&format!("serving, backend {}", backend.describe()));
         }

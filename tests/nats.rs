@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{NatsServer, Service, body_at, event, nats_config, scenarios, seconds};
-use flagsmith_sse::backend::Backend;
+use flagsmith_sse::backend::Store;
 use flagsmith_sse::backend::nats::NatsBackend;
 use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
 use flagsmith_sse::hub::Hub;
@@ -65,7 +65,7 @@ async fn jetstream_deduplicates_by_message_id() {
     let backend = NatsBackend::start(&config.nats, hub, metrics.backend, metrics.nats, &log)
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), backend.ready())
+    tokio::time::timeout(Duration::from_secs(10), backend.readiness().wait())
         .await
         .unwrap();
     let update = Update {
@@ -74,7 +74,7 @@ async fn jetstream_deduplicates_by_message_id() {
     };
     // Published straight to the backend, skipping the HTTP layer's "already known" shortcut.
     for _ in 0..3 {
-        backend.publish(update.clone()).await.unwrap();
+        backend.store(update.clone()).await.unwrap();
     }
     let client = async_nats::connect(nats.url()).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);

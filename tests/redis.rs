@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::daemon::Daemon;
 use common::redis::{RedisCluster, RedisServer, redis_config};
 use common::{Service, SseClient, body_at, event, publish, scenarios, seconds, wait_readiness};
-use flagsmith_sse::backend::Backend;
+use flagsmith_sse::backend::Store;
 use flagsmith_sse::backend::redis::RedisBackend;
 use flagsmith_sse::config::RedisConfig;
 use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
@@ -88,7 +88,7 @@ async fn start_backend(config: &RedisConfig, retention: Duration) -> (RedisBacke
     let hub = Arc::new(Hub::new(retention, metrics.hub.clone()));
     let backend =
         RedisBackend::start(config, hub.clone(), metrics.backend, metrics.redis, &log).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), backend.ready())
+    tokio::time::timeout(Duration::from_secs(10), backend.readiness().wait())
         .await
         .expect("the backend becomes ready");
     (backend, hub)
@@ -127,12 +127,12 @@ async fn updates_expire_from_redis_after_the_retention_window() {
     let redis = RedisServer::start();
     let config = backend_config(&redis);
     let (backend, _) = start_backend(&config, Duration::from_secs(1)).await;
-    backend.publish(update("old", 1.5)).await.unwrap();
+    backend.store(update("old", 1.5)).await.unwrap();
     let ttl: i64 = redis.cli(&["PTTL", STORED_AT]).parse().unwrap();
     assert!((1..=1000).contains(&ttl), "PTTL {ttl}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Another environment's publish forgets the expired one; its keys live on.
-    backend.publish(update("new", 2.5)).await.unwrap();
+    backend.store(update("new", 2.5)).await.unwrap();
     assert_eq!(redis.cli(&["HKEYS", UPDATED_AT]), "new");
     assert_eq!(redis.cli(&["ZRANGE", STORED_AT, "0", "-1"]), "new");
     // Nothing published for a whole window: the keys themselves are gone.

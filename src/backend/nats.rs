@@ -12,7 +12,6 @@
 //! skipped: with one message per subject, the newest one is always at or after that sequence.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,10 +23,10 @@ use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
 use prometheus::IntCounter;
 use slog::{Logger, debug, error, info, warn};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, BackendError};
+use super::link::Link;
+use super::{BackendError, Background, Readiness, Store, Stored};
 use crate::config::{NatsConfig, NatsStorage};
 use crate::domain::{EnvironmentKey, Update, UpdatedAt};
 use crate::hub::Hub;
@@ -56,15 +55,12 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct NatsBackend {
     client: async_nats::Client,
-    hub: Arc<Hub>,
     jetstream: jetstream::Context,
     /// The stream, for reading an environment's stored update before replacing it.
     stream: stream::Stream<()>,
     last_stored: Arc<LastStored>,
-    /// True once the consumer has delivered every update that existed when it started.
-    synced: watch::Receiver<bool>,
-    stop: CancellationToken,
-    follower: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    link: Arc<Link>,
+    follower: Background,
     servers: String,
     metrics: NatsMetrics,
 }
@@ -99,12 +95,9 @@ impl NatsBackend {
         log: &Logger,
     ) -> Result<Self, NatsError> {
         let log = log.new(slog::o!("backend" => "nats"));
-        let (connected_tx, connected) = watch::channel(false);
+        let link = Arc::new(Link::new("nats error", backend_metrics, log.clone()));
         let events = Arc::new(ConnectionEvents {
-            connected: connected_tx,
-            ever_connected: AtomicBool::new(false),
-            failure_logged: AtomicBool::new(false),
-            backend: backend_metrics,
+            link: link.clone(),
             connect_errors: metrics.connect.clone(),
             log: log.clone(),
         });
@@ -147,29 +140,23 @@ impl NatsBackend {
                 name: config.stream.clone(),
                 source,
             })?;
-        let (synced_tx, synced) = watch::channel(false);
-        let stop = CancellationToken::new();
         let last_stored = Arc::new(LastStored::default());
         let follower = Follower {
             jetstream: jetstream.clone(),
             last_stored: last_stored.clone(),
             stream_config: stream_config(config, hub.retention()),
-            hub: hub.clone(),
-            synced: synced_tx,
-            connected,
+            hub,
+            link: link.clone(),
             metrics: metrics.clone(),
             log: log.clone(),
         };
-        let task = tokio::spawn(follower.run(stop.clone()));
         Ok(Self {
             client,
-            hub,
             jetstream,
             stream,
             last_stored,
-            synced,
-            stop,
-            follower: tokio::sync::Mutex::new(Some(task)),
+            link,
+            follower: Background::spawn(|stop| follower.run(stop)),
             servers: config.redacted_url(),
             metrics,
         })
@@ -220,7 +207,7 @@ impl LastStored {
 }
 
 /// What the stream holds for an environment, compared with an update to store.
-enum Stored {
+enum InStream {
     /// The same update or a newer one: storing this one would change nothing, or go back.
     Newer {
         updated_at: UpdatedAt,
@@ -231,19 +218,19 @@ enum Stored {
 }
 
 impl NatsBackend {
-    async fn stored_for(&self, subject: &str, update: &Update) -> Result<Stored, BackendError> {
+    async fn stored_for(&self, subject: &str, update: &Update) -> Result<InStream, BackendError> {
         match self.stream.get_last_raw_message_by_subject(subject).await {
             Ok(message) => match UpdatedAt::from_body(&message.payload) {
-                Ok(stored) if stored >= update.updated_at => Ok(Stored::Newer {
+                Ok(stored) if stored >= update.updated_at => Ok(InStream::Newer {
                     updated_at: stored,
                     stored_at: SystemTime::from(message.time),
                 }),
-                _ => Ok(Stored::Older {
+                _ => Ok(InStream::Older {
                     sequence: message.sequence,
                 }),
             },
             Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                Ok(Stored::Older { sequence: 0 })
+                Ok(InStream::Older { sequence: 0 })
             }
             Err(err) => {
                 self.metrics.publish.inc();
@@ -258,12 +245,7 @@ impl NatsBackend {
 /// What the client reports about its connection: the state for the follower and the
 /// metrics, and one log line per change of state.
 struct ConnectionEvents {
-    connected: watch::Sender<bool>,
-    ever_connected: AtomicBool,
-    /// Set once a failure was logged at warning since the last change of state: the client
-    /// retries several times a second during an outage, and each attempt reports an error.
-    failure_logged: AtomicBool,
-    backend: BackendMetrics,
+    link: Arc<Link>,
     connect_errors: IntCounter,
     log: Logger,
 }
@@ -271,36 +253,19 @@ struct ConnectionEvents {
 impl ConnectionEvents {
     fn record(&self, event: async_nats::Event) {
         match event {
-            async_nats::Event::Connected => {
-                if self.ever_connected.swap(true, Ordering::AcqRel) {
-                    self.backend.reconnects.inc();
-                }
-                self.backend.connected.set(1);
-                self.failure_logged.store(false, Ordering::Release);
-                info!(self.log, "backend state"; "state" => "connected");
-                self.connected.send_replace(true);
-            }
-            async_nats::Event::Disconnected => {
-                self.backend.connected.set(0);
-                self.failure_logged.store(false, Ordering::Release);
-                info!(self.log, "backend state"; "state" => "disconnected");
-                self.connected.send_replace(false);
-            }
+            async_nats::Event::Connected => self.link.connected(),
+            async_nats::Event::Disconnected => self.link.disconnected("the connection closed"),
             async_nats::Event::ClientError(_) | async_nats::Event::ServerError(_) => {
                 self.connect_errors.inc();
-                if self.failure_logged.swap(true, Ordering::AcqRel) {
-                    debug!(self.log, "nats error"; "error" => %event);
-                } else {
-                    warn!(self.log, "nats error, retrying"; "error" => %event);
-                }
+                self.link.failed(&event.to_string());
             }
             other => info!(self.log, "nats event"; "event" => %other),
         }
     }
 }
 
-impl Backend for NatsBackend {
-    fn publish(&self, update: Update) -> BoxFuture<'_, Result<(), BackendError>> {
+impl Store for NatsBackend {
+    fn store(&self, update: Update) -> BoxFuture<'_, Result<Option<Stored>, BackendError>> {
         async move {
             // Queuing a publish while disconnected would only end in a timeout; answer now.
             if self.client.connection_state() != State::Connected {
@@ -319,23 +284,22 @@ impl Backend for NatsBackend {
                 let expected = match last_seen.take() {
                     // Stored values only grow, so the stream holds this one or a newer one, and
                     // the hub got it when it was seen.
-                    Some((stored, _)) if stored >= update.updated_at => return Ok(()),
+                    Some((stored, _)) if stored >= update.updated_at => return Ok(None),
                     Some((_, sequence)) => sequence,
                     None => match self.stored_for(&subject, &update).await? {
-                        Stored::Newer {
+                        InStream::Newer {
                             updated_at,
                             stored_at,
                         } => {
-                            // As for a stored update: a subscriber arriving after the 200 gets
-                            // the newest first, without waiting for the consumer.
-                            let stored = Update {
-                                key: update.key,
-                                updated_at,
-                            };
-                            self.hub.apply(&stored, stored_at);
-                            return Ok(());
+                            return Ok(Some(Stored {
+                                update: Update {
+                                    key: update.key,
+                                    updated_at,
+                                },
+                                at: stored_at,
+                            }));
                         }
-                        Stored::Older { sequence } => sequence,
+                        InStream::Older { sequence } => sequence,
                     },
                 };
                 let message = PublishMessage::build()
@@ -365,25 +329,13 @@ impl Backend for NatsBackend {
                     }
                 }
             }
-            // Stored: local subscribers need not wait for the consumer to bring it back, and
-            // when it does, the same timestamp is not newer and changes nothing.
-            self.hub.apply(&update, SystemTime::now());
-            Ok(())
+            Ok(Some(Stored::now(update)))
         }
         .boxed()
     }
 
-    fn is_ready(&self) -> bool {
-        self.client.connection_state() == State::Connected && *self.synced.borrow()
-    }
-
-    fn ready(&self) -> BoxFuture<'_, ()> {
-        let mut synced = self.synced.clone();
-        async move {
-            // The sender lives as long as the follower task, which only ends on close().
-            let _ = synced.wait_for(|synced| *synced).await;
-        }
-        .boxed()
+    fn readiness(&self) -> Readiness {
+        self.link.readiness()
     }
 
     fn describe(&self) -> String {
@@ -392,10 +344,7 @@ impl Backend for NatsBackend {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
-            self.stop.cancel();
-            if let Some(task) = self.follower.lock().await.take() {
-                let _ = task.await;
-            }
+            self.follower.stop().await;
             let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
         }
         .boxed()
@@ -425,9 +374,9 @@ struct Follower {
     last_stored: Arc<LastStored>,
     stream_config: stream::Config,
     hub: Arc<Hub>,
-    synced: watch::Sender<bool>,
-    /// The client's connection, as its events report it.
-    connected: watch::Receiver<bool>,
+    /// The client's connection, as its events report it, and whether the consumer has
+    /// delivered every update that existed when it started.
+    link: Arc<Link>,
     metrics: NatsMetrics,
     log: Logger,
 }
@@ -453,14 +402,7 @@ impl Follower {
     /// Ensures the stream, then consumes it until the consumer fails for good or the client
     /// reconnects.
     async fn follow(&mut self, last_sequence: &mut Option<u64>, delay: &mut Duration) {
-        if self
-            .connected
-            .wait_for(|connected| *connected)
-            .await
-            .is_err()
-        {
-            return;
-        }
+        self.link.until_connected(true).await;
         let mut stream = match self
             .jetstream
             .create_or_update_stream(self.stream_config.clone())
@@ -516,7 +458,7 @@ impl Follower {
             .pending
             .set(i64::try_from(pending).unwrap_or(i64::MAX));
         if pending == 0 {
-            self.mark_synced();
+            self.link.set_loaded(true);
         }
         let mut messages = match consumer.messages().await {
             Ok(messages) => messages,
@@ -534,7 +476,7 @@ impl Follower {
                 // A restarted server forgets our ephemeral consumer, and missed heartbeats
                 // would take many seconds to tell; start over from our last sequence as soon
                 // as the client is connected again.
-                _ = self.connected.wait_for(|connected| !*connected) => {
+                () = self.link.until_connected(false) => {
                     info!(self.log, "disconnected, will resume"; "from" => ?last_sequence);
                     *delay = Duration::ZERO;
                     return;
@@ -579,17 +521,8 @@ impl Follower {
                 }
             }
             if pending == 0 {
-                self.mark_synced();
+                self.link.set_loaded(true);
             }
-        }
-    }
-
-    fn mark_synced(&self) {
-        if self
-            .synced
-            .send_if_modified(|synced| !std::mem::replace(synced, true))
-        {
-            info!(self.log, "backend state"; "state" => "ready");
         }
     }
 }

@@ -40,7 +40,7 @@ fn readiness(state: &State) -> warp::reply::Response {
     state.metrics.writes.healthcheck.inc();
     let unready = if state.draining.is_cancelled() {
         "shutting down"
-    } else if state.backend.is_ready() {
+    } else if state.backend.readiness().is_ready() {
         return status(StatusCode::OK, "ok");
     } else {
         "backend unavailable"

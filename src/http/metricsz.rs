@@ -18,7 +18,7 @@ pub fn route(
             let text = state.metrics.render(
                 state.admission.open_streams(),
                 state.hub.len(),
-                state.backend.is_ready(),
+                state.backend.readiness().is_ready(),
             );
             let mut response = text.into_response();
             response.headers_mut().insert(

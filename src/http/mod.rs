@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 /// Everything the handlers share.
 pub struct State {
     pub hub: Arc<Hub>,
-    pub backend: Arc<dyn Backend>,
+    pub backend: Arc<Backend>,
     pub auth: Arc<Authenticator>,
     /// Failed publish authentications per peer.
     pub throttle: Throttle,

@@ -49,7 +49,7 @@ pub async fn concurrent_publishes_from_two_instances_keep_the_newest(config: &Co
             .await
             .unwrap();
         // A new NATS cluster elects its JetStream leader first: seconds.
-        tokio::time::timeout(Duration::from_secs(30), backend.ready())
+        tokio::time::timeout(Duration::from_secs(30), backend.readiness().wait())
             .await
             .expect("the backend becomes ready");
         (backend, hub)
