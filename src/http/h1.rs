@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use super::stream::{SseBody, Subscription};
+use super::stream::{RESPONSE_HEADERS, SseBody, Subscription};
 use crate::domain::EnvironmentKey;
 
 /// The request head this module reads before it hands the connection to hyper: SDKs send a
@@ -224,15 +224,13 @@ pub(super) fn stream_key(target: &str) -> Option<&str> {
 /// The response head of every stream: what hyper writes for the stream route's response.
 fn response_head(close: bool) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\n\
-          content-type: text/event-stream\r\n\
-          cache-control: no-cache\r\n\
-          x-accel-buffering: no\r\n\
-          timing-allow-origin: *\r\n\
-          access-control-allow-origin: *\r\n\
-          transfer-encoding: chunked\r\n",
-    );
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (name, value) in RESPONSE_HEADERS {
+        for part in [name.as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            head.extend_from_slice(part);
+        }
+    }
+    head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body::Frame;
 use http_body_util::Either;
@@ -92,6 +92,19 @@ pub struct Subscription {
     state: Arc<State>,
 }
 
+/// Every header of a stream's response but its framing and `Date`, in the order each writer
+/// sends them: `h1` and `h2` write them themselves, [`route`] inserts them for hyper.
+pub(super) const RESPONSE_HEADERS: [(&str, &str); 5] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    // nginx would otherwise hold events back in its buffer.
+    ("x-accel-buffering", "no"),
+    // Lets a page see the stream's protocol and timings in Resource Timing.
+    ("timing-allow-origin", "*"),
+    // `routes` adds it to every response of warp's; `h1` and `h2` write theirs without warp.
+    ("access-control-allow-origin", "*"),
+];
+
 pub fn route(
     state: Arc<State>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
@@ -112,14 +125,9 @@ fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
     };
     let mut response = Response::new(warp::reply::Response::default().into_body());
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    // Lets a page see the stream's protocol and timings in Resource Timing.
-    headers.insert("timing-allow-origin", HeaderValue::from_static("*"));
+    for (name, value) in RESPONSE_HEADERS {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     response.extensions_mut().insert(subscription);
     *response.status_mut() = StatusCode::OK;
     response
