@@ -196,6 +196,7 @@ async fn any_accept_header_query_and_doubled_slash_work() {
         ),
         ("/sse/environments/env/stream", vec![]),
         ("//sse/environments/env/stream", vec![]),
+        ("/sse/environments/env/stream/", vec![]),
         (
             "/sse/environments/env/stream?foo=bar&x",
             vec![("Accept", "*/*")],

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use super::stream::{RESPONSE_HEADERS, SseBody, Subscription};
+use super::stream::{RESPONSE_HEADERS, SseBody, Subscription, key_segment};
 use crate::domain::EnvironmentKey;
 
 /// The request head this module reads before it hands the connection to hyper: SDKs send a
@@ -145,11 +145,11 @@ fn parse(bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let status = request.parse(bytes);
+    // `Some(None)`: a request line whose path is not a stream's.
+    let segment = request.path.map(key_segment);
     // Decided as soon as the request line shows it, so other requests reach hyper unchanged
     // however long their heads are.
-    if request.method.is_some_and(|method| method != "GET")
-        || request.path.is_some_and(|path| stream_key(path).is_none())
-    {
+    if request.method.is_some_and(|method| method != "GET") || segment == Some(None) {
         return Parsed::Other;
     }
     let length = match status {
@@ -180,44 +180,13 @@ fn parse(bytes: &[u8]) -> Parsed {
                 .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    let key = request
-        .path
-        .and_then(stream_key)
+    let key = segment
+        .flatten()
         .and_then(|segment| EnvironmentKey::from_path_segment(segment).ok());
     match key {
         Some(key) => Parsed::Stream(StreamRequest { key, close }),
         // warp answers an invalid key with its 400.
         None => Parsed::Other,
-    }
-}
-
-/// The raw key segment of a stream path, with any query ignored and doubled slashes accepted
-/// as the routes accept them.
-pub(super) fn stream_key(target: &str) -> Option<&str> {
-    // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
-    // follows the authority.
-    let target = match target.split_once("://") {
-        Some((scheme, rest))
-            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
-        {
-            &rest[rest.find('/')?..]
-        }
-        _ => target,
-    };
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    if !path.starts_with('/') || path.ends_with('/') {
-        return None;
-    }
-    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
-    match (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) {
-        (Some("sse"), Some("environments"), Some(key), Some("stream"), None) => Some(key),
-        _ => None,
     }
 }
 
@@ -450,6 +419,10 @@ mod tests {
                 b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
                 stream("abc", false),
             ),
+            (
+                b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
+                stream("abc", false),
+            ),
         ] {
             assert_eq!(parse(request), expected, "{}", String::from_utf8_lossy(request));
         }
@@ -461,7 +434,6 @@ mod tests {
             &b"POST /sse/environments/abc/queue-change HTTP/1.1\r\n"[..],
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"GET /livez HTTP/1.1\r\n",
-            b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
             b"GET /sse/environments/a/b/stream HTTP/1.1\r\n\r\n",
             b"GET http://host HTTP/1.1\r\n\r\n",
             b"GET ftp://host/sse/environments/abc/stream HTTP/1.1\r\n\r\n",

@@ -24,6 +24,7 @@ use http_body_util::Either;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
 use warp::Filter;
+use warp::path::FullPath;
 
 use super::{ApiError, State, WarpBody, with_state};
 use crate::domain::{EnvironmentKey, UpdatedAt};
@@ -108,10 +109,49 @@ pub(super) const RESPONSE_HEADERS: [(&str, &str); 5] = [
 pub fn route(
     state: Arc<State>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    warp::path!("sse" / "environments" / String / "stream")
+    // Matched by `key_segment`, as `h1` and `h2` match it, not by `warp::path!`: the stream
+    // requests they hand over (HTTP/1.0, heads too large for `h1`, streams beyond the cap)
+    // come here, and whether a target names a stream must not depend on who reads it.
+    warp::path::full()
+        .and_then(|path: FullPath| async move {
+            key_segment(path.as_str())
+                .map(str::to_owned)
+                .ok_or_else(warp::reject::not_found)
+        })
         .and(warp::get())
         .and(with_state(state))
         .map(subscribe)
+}
+
+/// The raw key segment of a stream's request target, with any query ignored. Doubled slashes
+/// are accepted (the Flagsmith API joins URLs by concatenation), and so is a trailing one, as
+/// warp's `path!` took it.
+pub(super) fn key_segment(target: &str) -> Option<&str> {
+    // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
+    // follows the authority.
+    let target = match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            &rest[rest.find('/')?..]
+        }
+        _ => target,
+    };
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some("sse"), Some("environments"), Some(key), Some("stream"), None) => Some(key),
+        _ => None,
+    }
 }
 
 fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
