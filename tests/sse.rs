@@ -24,8 +24,7 @@ async fn stream_headers_are_what_sdks_and_proxies_need() {
     assert!(client.chunked, "HTTP/1.1 bodies must be chunked");
     assert_eq!(client.header("content-length"), None);
 
-    // HTTP/2 streams go through hyper, HTTP/1.1 ones through the service's own writer: the
-    // same headers either way.
+    // HTTP/2 streams and HTTP/1.1 ones have writers of their own: the same headers either way.
     let mut h2c = Connection::plain(service.addr, Protocol::Http2).await;
     let response = h2c
         .send("GET", "/sse/environments/env/stream", &[], "")
@@ -44,6 +43,40 @@ async fn stream_headers_are_what_sdks_and_proxies_need() {
             .map(|value| value.to_str().unwrap());
         assert_eq!(value, client.header(name), "{name} over HTTP/2");
     }
+}
+
+#[tokio::test]
+async fn hyper_and_the_http1_fast_path_send_the_same_stream_head() {
+    let service = Service::start_ready(test_config()).await;
+    let path = "/sse/environments/env/stream";
+    let fast = SseClient::connect(service.addr, path, &[]).await;
+    // More headers than the fast path parses (48), in a head longer than it reads (8 KiB):
+    // handed to hyper even if one of those limits is raised.
+    let names: Vec<String> = (0..64).map(|index| format!("x-filler-{index}")).collect();
+    let filler = "f".repeat(128);
+    let headers: Vec<(&str, &str)> = names
+        .iter()
+        .map(|name| (name.as_str(), filler.as_str()))
+        .collect();
+    assert!(request_head(service.addr, "GET", path, &headers).len() > 8 * 1024);
+    let hyper = SseClient::connect(service.addr, path, &headers).await;
+
+    assert_eq!((fast.status, hyper.status), (200, 200));
+    // Both keep the connection open and chunk the body, so the framing headers are the same
+    // too; only the Date may differ, by the second each head was written in.
+    let head = |client: &SseClient| {
+        let mut head: Vec<(String, String)> = client
+            .headers
+            .iter()
+            .map(|(name, value)| match name.as_str() {
+                "date" => (name.clone(), String::new()),
+                _ => (name.clone(), value.clone()),
+            })
+            .collect();
+        head.sort();
+        head
+    };
+    assert_eq!(head(&fast), head(&hyper));
 }
 
 #[tokio::test]
@@ -163,6 +196,7 @@ async fn any_accept_header_query_and_doubled_slash_work() {
         ),
         ("/sse/environments/env/stream", vec![]),
         ("//sse/environments/env/stream", vec![]),
+        ("/sse/environments/env/stream/", vec![]),
         (
             "/sse/environments/env/stream?foo=bar&x",
             vec![("Accept", "*/*")],

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::State;
-use super::stream::{SseBody, Subscription};
+use super::stream::{RESPONSE_HEADERS, SseBody, Subscription, key_segment};
 use crate::domain::EnvironmentKey;
 
 /// The request head this module reads before it hands the connection to hyper: SDKs send a
@@ -145,11 +145,11 @@ fn parse(bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let status = request.parse(bytes);
+    // `Some(None)`: a request line whose path is not a stream's.
+    let segment = request.path.map(key_segment);
     // Decided as soon as the request line shows it, so other requests reach hyper unchanged
     // however long their heads are.
-    if request.method.is_some_and(|method| method != "GET")
-        || request.path.is_some_and(|path| stream_key(path).is_none())
-    {
+    if request.method.is_some_and(|method| method != "GET") || segment == Some(None) {
         return Parsed::Other;
     }
     let length = match status {
@@ -180,9 +180,8 @@ fn parse(bytes: &[u8]) -> Parsed {
                 .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
     }
-    let key = request
-        .path
-        .and_then(stream_key)
+    let key = segment
+        .flatten()
         .and_then(|segment| EnvironmentKey::from_path_segment(segment).ok());
     match key {
         Some(key) => Parsed::Stream(StreamRequest { key, close }),
@@ -191,48 +190,16 @@ fn parse(bytes: &[u8]) -> Parsed {
     }
 }
 
-/// The raw key segment of a stream path, with any query ignored and doubled slashes accepted
-/// as the routes accept them.
-pub(super) fn stream_key(target: &str) -> Option<&str> {
-    // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
-    // follows the authority.
-    let target = match target.split_once("://") {
-        Some((scheme, rest))
-            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
-        {
-            &rest[rest.find('/')?..]
-        }
-        _ => target,
-    };
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    if !path.starts_with('/') || path.ends_with('/') {
-        return None;
-    }
-    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
-    match (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) {
-        (Some("sse"), Some("environments"), Some(key), Some("stream"), None) => Some(key),
-        _ => None,
-    }
-}
-
 /// The response head of every stream: what hyper writes for the stream route's response.
 fn response_head(close: bool) -> Vec<u8> {
     let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\n\
-          content-type: text/event-stream\r\n\
-          cache-control: no-cache\r\n\
-          x-accel-buffering: no\r\n\
-          timing-allow-origin: *\r\n\
-          access-control-allow-origin: *\r\n\
-          transfer-encoding: chunked\r\n",
-    );
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (name, value) in RESPONSE_HEADERS {
+        for part in [name.as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            head.extend_from_slice(part);
+        }
+    }
+    head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
@@ -452,6 +419,10 @@ mod tests {
                 b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
                 stream("abc", false),
             ),
+            (
+                b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
+                stream("abc", false),
+            ),
         ] {
             assert_eq!(parse(request), expected, "{}", String::from_utf8_lossy(request));
         }
@@ -463,7 +434,6 @@ mod tests {
             &b"POST /sse/environments/abc/queue-change HTTP/1.1\r\n"[..],
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"GET /livez HTTP/1.1\r\n",
-            b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
             b"GET /sse/environments/a/b/stream HTTP/1.1\r\n\r\n",
             b"GET http://host HTTP/1.1\r\n\r\n",
             b"GET ftp://host/sse/environments/abc/stream HTTP/1.1\r\n\r\n",

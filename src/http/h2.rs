@@ -38,8 +38,8 @@ use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::h1::{Outcome, stream_key};
-use super::stream::{SseBody, Subscription};
+use super::h1::Outcome;
+use super::stream::{RESPONSE_HEADERS, SseBody, Subscription, key_segment};
 use super::{Forward, PeerAddr, RoutedResponse, State, WarpBody};
 use crate::config::Http2Config;
 use crate::domain::EnvironmentKey;
@@ -181,7 +181,7 @@ impl Request {
             return None;
         }
         let path = std::str::from_utf8(self.path.as_deref()?).ok()?;
-        EnvironmentKey::from_path_segment(stream_key(path)?).ok()
+        EnvironmentKey::from_path_segment(key_segment(path)?).ok()
     }
 
     /// The request for warp, with `body`; `None` if it is malformed.
@@ -287,13 +287,7 @@ fn encode_head(status: http::StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
 /// The response head of every stream served here: the stream route's, as hyper writes it.
 fn response_head() -> Vec<u8> {
     let mut headers = http::HeaderMap::new();
-    for (name, value) in [
-        ("content-type", "text/event-stream"),
-        ("cache-control", "no-cache"),
-        ("x-accel-buffering", "no"),
-        ("timing-allow-origin", "*"),
-        ("access-control-allow-origin", "*"),
-    ] {
+    for (name, value) in RESPONSE_HEADERS {
         headers.insert(name, http::HeaderValue::from_static(value));
     }
     encode_head(http::StatusCode::OK, &headers)

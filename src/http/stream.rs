@@ -17,13 +17,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body::Frame;
 use http_body_util::Either;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
 use warp::Filter;
+use warp::path::FullPath;
 
 use super::{ApiError, State, WarpBody, with_state};
 use crate::domain::{EnvironmentKey, UpdatedAt};
@@ -92,13 +93,65 @@ pub struct Subscription {
     state: Arc<State>,
 }
 
+/// Every header of a stream's response but its framing and `Date`, in the order each writer
+/// sends them: `h1` and `h2` write them themselves, [`route`] inserts them for hyper.
+pub(super) const RESPONSE_HEADERS: [(&str, &str); 5] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    // nginx would otherwise hold events back in its buffer.
+    ("x-accel-buffering", "no"),
+    // Lets a page see the stream's protocol and timings in Resource Timing.
+    ("timing-allow-origin", "*"),
+    // `routes` adds it to every response of warp's; `h1` and `h2` write theirs without warp.
+    ("access-control-allow-origin", "*"),
+];
+
 pub fn route(
     state: Arc<State>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    warp::path!("sse" / "environments" / String / "stream")
+    // Matched by `key_segment`, as `h1` and `h2` match it, not by `warp::path!`: the stream
+    // requests they hand over (HTTP/1.0, heads too large for `h1`, streams beyond the cap)
+    // come here, and whether a target names a stream must not depend on who reads it.
+    warp::path::full()
+        .and_then(|path: FullPath| async move {
+            key_segment(path.as_str())
+                .map(str::to_owned)
+                .ok_or_else(warp::reject::not_found)
+        })
         .and(warp::get())
         .and(with_state(state))
         .map(subscribe)
+}
+
+/// The raw key segment of a stream's request target, with any query ignored. Doubled slashes
+/// are accepted (the Flagsmith API joins URLs by concatenation), and so is a trailing one, as
+/// warp's `path!` took it.
+pub(super) fn key_segment(target: &str) -> Option<&str> {
+    // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
+    // follows the authority.
+    let target = match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            &rest[rest.find('/')?..]
+        }
+        _ => target,
+    };
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut segments = path.split('/').filter(|segment| !segment.is_empty());
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some("sse"), Some("environments"), Some(key), Some("stream"), None) => Some(key),
+        _ => None,
+    }
 }
 
 fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
@@ -112,14 +165,9 @@ fn subscribe(key: String, state: Arc<State>) -> warp::reply::Response {
     };
     let mut response = Response::new(warp::reply::Response::default().into_body());
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    // Lets a page see the stream's protocol and timings in Resource Timing.
-    headers.insert("timing-allow-origin", HeaderValue::from_static("*"));
+    for (name, value) in RESPONSE_HEADERS {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     response.extensions_mut().insert(subscription);
     *response.status_mut() = StatusCode::OK;
     response
