@@ -43,7 +43,9 @@ use std::time::{Duration, SystemTime};
 
 use slog::{Logger, info, warn};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use crate::config::Config;
 pub use crate::error::{Error, Result};
@@ -69,157 +71,221 @@ pub async fn run(
     control: Control,
     log: Logger,
 ) -> Result<()> {
-    let auth = Arc::new(auth::Authenticator::from_config(&config, &log)?);
-    // Certificates first: a bad pair stops start-up before anything connects.
-    let public_endpoints = match listeners.publish {
-        Some(_) => http::Endpoints::STREAMS,
-        None => http::Endpoints::ALL,
-    };
-    let mut served = vec![Served::new(
-        "public",
-        listeners.public,
-        config.listen,
-        public_endpoints,
-        config.tls.as_ref(),
-        &log,
-    )?];
-    if let Some(listener) = listeners.publish {
-        served.push(Served::new(
-            "publish",
-            listener,
-            config.publish_listen.unwrap_or(config.listen),
-            http::Endpoints::PUBLISH,
-            config.publish_tls.as_ref(),
-            &log,
-        )?);
-    }
-    let metrics = Arc::new(metrics::Metrics::new(config.backend.name()));
-    let hub = Arc::new(hub::Hub::new(
-        config.retention.duration(),
-        metrics.hub.clone(),
-    ));
-    let backend = Arc::new(backend::start(&config, hub.clone(), &metrics, &log).await?);
-    info!(log, "starting";
-        "listen" => %served[0].addr,
-        "tls" => served[0].certificate.is_some(),
-        "publish_listen" => served.get(1).map(|publish| publish.addr.to_string()),
-        "backend" => backend.describe(),
-        "config" => slog::Serde(config.redacted()));
-
-    let draining = CancellationToken::new();
-    let admission = http::stream::Admission::new(config.max_streams);
-    let state = Arc::new(http::State {
-        hub: hub.clone(),
-        backend: backend.clone(),
-        auth: auth.clone(),
-        throttle: auth::Throttle::default(),
-        streams: http::stream::StreamSettings {
-            max_age: (!config.max_stream_age.is_zero()).then(|| config.max_stream_age.duration()),
-            max_age_jitter: config.max_stream_age_jitter,
-            keepalive: config.keepalive_interval.duration(),
-            retention: config.retention.duration(),
-            drain_period: config.shutdown.drain_period.duration(),
-        },
-        admission: admission.clone(),
-        publish_timeout: config.publish_timeout.duration(),
-        draining: draining.clone(),
-        metrics: metrics.clone(),
-        log: log.clone(),
-    });
-    // Serve before the backend is ready: liveness answers, streams open, and publishes get a
-    // clear 503 until the backend can store them.
-    let connections = Arc::new(http::serve::Connections::new(
-        &config.http2,
-        config.write_timeout.duration(),
-        metrics.connections.clone(),
-    ));
-    let mut servers = tokio::task::JoinSet::new();
-    let mut certificates = Vec::new();
-    for listener in served {
-        let acceptor = match &listener.certificate {
-            Some(certificate) => {
-                certificates.push((listener.name, certificate.clone()));
-                Some(certificate.acceptor()?)
-            }
-            None => None,
-        };
-        servers.spawn(http::serve::serve(
-            listener.listener,
-            acceptor,
-            connections.clone(),
-            http::service(http::routes(state.clone(), listener.endpoints)),
-            listener.endpoints.streams.then(|| http::serve::Streams {
-                state: state.clone(),
-                forward: http::forward(http::routes(state.clone(), listener.endpoints)),
-            }),
-            draining.clone(),
-            log.new(slog::o!("listener" => listener.name)),
-        ));
-    }
-
-    let systemd = systemd::Notifier::start(&log);
-    let background = CancellationToken::new();
-    systemd.spawn_watchdog(&log, background.clone());
-    spawn_sweeper(hub.clone(), background.clone(), log.clone());
-
-    systemd.status(&format!("waiting for {}", backend.describe()));
-    tokio::select! {
-        () = backend.readiness().wait() => {
-            info!(log, "ready"; "backend" => backend.describe());
-            systemd.ready(&format!("serving, backend {}", backend.describe()));
-        }
-        () = control.shutdown.cancelled() => {}
-    }
-
+    let mut service = Service::build(config, listeners, log).await?;
+    let servers = service.serve()?;
+    service.wait_for_backend(&control.shutdown).await;
     loop {
         tokio::select! {
             () = control.shutdown.cancelled() => break,
-            () = control.reload.notified() => {
-                systemd.reloading();
-                match auth.reload() {
-                    Ok(changed) => info!(log, "reloaded"; "token_changed" => changed),
-                    Err(err) => warn!(log, "reload failed, keeping the current token"; "error" => %err),
+            () = control.reload.notified() => service.reload().await,
+        }
+    }
+    service.drain(servers).await;
+    Ok(())
+}
+
+/// What `run` builds, then serves, reloads and drains.
+struct Service {
+    config: Config,
+    auth: Arc<auth::Authenticator>,
+    hub: Arc<hub::Hub>,
+    backend: Arc<backend::Backend>,
+    state: Arc<http::State>,
+    /// The bound listeners, until `serve` takes them.
+    served: Vec<Served>,
+    /// The TLS listeners' certificates, reloaded on SIGHUP.
+    certificates: Vec<(&'static str, Arc<tls::Certificate>)>,
+    systemd: systemd::Notifier,
+    /// The root of the shutdown tree. Its child, `state.draining`, ends the listeners and
+    /// streams first; `stop` itself ends the tasks in `background` once they are gone, so
+    /// that the watchdog keeps pinging through the drain.
+    stop: CancellationToken,
+    background: TaskTracker,
+    log: Logger,
+}
+
+impl Service {
+    /// Reads the token and certificates (a bad file stops start-up before anything
+    /// connects), then starts the backend, which connects in the background.
+    async fn build(config: Config, listeners: Listeners, log: Logger) -> Result<Self> {
+        let auth = Arc::new(auth::Authenticator::from_config(&config, &log)?);
+        let public_endpoints = match listeners.publish {
+            Some(_) => http::Endpoints::STREAMS,
+            None => http::Endpoints::ALL,
+        };
+        let mut served = vec![Served::new(
+            "public",
+            listeners.public,
+            config.listen,
+            public_endpoints,
+            config.tls.as_ref(),
+            &log,
+        )?];
+        if let Some(listener) = listeners.publish {
+            served.push(Served::new(
+                "publish",
+                listener,
+                config.publish_listen.unwrap_or(config.listen),
+                http::Endpoints::PUBLISH,
+                config.publish_tls.as_ref(),
+                &log,
+            )?);
+        }
+        let metrics = Arc::new(metrics::Metrics::new(config.backend.name()));
+        let hub = Arc::new(hub::Hub::new(
+            config.retention.duration(),
+            metrics.hub.clone(),
+        ));
+        let backend = Arc::new(backend::start(&config, hub.clone(), &metrics, &log).await?);
+        info!(log, "starting";
+            "listen" => %served[0].addr,
+            "tls" => served[0].certificate.is_some(),
+            "publish_listen" => served.get(1).map(|publish| publish.addr.to_string()),
+            "backend" => backend.describe(),
+            "config" => slog::Serde(config.redacted()));
+        let stop = CancellationToken::new();
+        let state = Arc::new(http::State {
+            hub: hub.clone(),
+            backend: backend.clone(),
+            auth: auth.clone(),
+            throttle: auth::Throttle::default(),
+            streams: http::stream::StreamSettings {
+                max_age: (!config.max_stream_age.is_zero())
+                    .then(|| config.max_stream_age.duration()),
+                max_age_jitter: config.max_stream_age_jitter,
+                keepalive: config.keepalive_interval.duration(),
+                retention: config.retention.duration(),
+                drain_period: config.shutdown.drain_period.duration(),
+            },
+            admission: http::stream::Admission::new(config.max_streams),
+            publish_timeout: config.publish_timeout.duration(),
+            draining: stop.child_token(),
+            metrics,
+            log: log.clone(),
+        });
+        Ok(Self {
+            config,
+            auth,
+            hub,
+            backend,
+            state,
+            served,
+            certificates: Vec::new(),
+            systemd: systemd::Notifier::start(&log),
+            stop,
+            background: TaskTracker::new(),
+            log,
+        })
+    }
+
+    /// Serves every listener, before the backend is ready: liveness answers, streams open,
+    /// and publishes get a clear 503 until the backend can store them. Starts the watchdog
+    /// and the sweeper.
+    fn serve(&mut self) -> Result<JoinSet<()>> {
+        let connections = Arc::new(http::serve::Connections::new(
+            &self.config.http2,
+            self.config.write_timeout.duration(),
+            self.state.metrics.connections.clone(),
+        ));
+        let mut servers = JoinSet::new();
+        for listener in std::mem::take(&mut self.served) {
+            let acceptor = match &listener.certificate {
+                Some(certificate) => {
+                    self.certificates.push((listener.name, certificate.clone()));
+                    Some(certificate.acceptor()?)
                 }
-                match backend.reload().await {
-                    Ok(true) => info!(log, "reconnected the backend with its new password";
-                        "backend" => backend.describe()),
-                    Ok(false) => {}
-                    Err(err) => warn!(log, "backend reload failed, keeping the current connection";
-                        "error" => %err),
-                }
-                for (listener, certificate) in &certificates {
-                    let log = log.new(slog::o!("listener" => *listener));
-                    match certificate.reload() {
-                        Ok(()) => info!(log, "reloaded the tls certificate";
-                            "file" => %certificate.files().certificate_file.display(),
-                            "sha256" => certificate.fingerprint()),
-                        Err(err) => warn!(log, "tls reload failed, keeping the current certificate";
-                            "error" => %err, "sha256" => certificate.fingerprint()),
-                    }
-                }
-                systemd.ready(&format!("serving, backend {}", backend.describe()));
+                None => None,
+            };
+            let routes = || http::routes(self.state.clone(), listener.endpoints);
+            servers.spawn(http::serve::serve(
+                listener.listener,
+                acceptor,
+                connections.clone(),
+                http::service(routes()),
+                listener.endpoints.streams.then(|| http::serve::Streams {
+                    state: self.state.clone(),
+                    forward: http::forward(routes()),
+                }),
+                self.state.draining.clone(),
+                self.log.new(slog::o!("listener" => listener.name)),
+            ));
+        }
+        let watchdog = self
+            .systemd
+            .clone()
+            .watchdog(self.stop.clone(), self.log.clone());
+        self.background.spawn(watchdog);
+        self.background
+            .spawn(sweep(self.hub.clone(), self.stop.clone(), self.log.clone()));
+        Ok(servers)
+    }
+
+    /// Tells systemd the service is ready once the backend is, unless shutdown comes first.
+    async fn wait_for_backend(&self, shutdown: &CancellationToken) {
+        let backend = self.backend.describe();
+        self.systemd.status(&format!("waiting for {backend}"));
+        tokio::select! {
+            () = self.backend.readiness().wait() => {
+                info!(self.log, "ready"; "backend" => &backend);
+                self.systemd.ready(&format!("serving, backend {backend}"));
             }
+            () = shutdown.cancelled() => {}
         }
     }
 
-    systemd.stopping();
-    let timeout = config.shutdown.timeout.duration();
-    info!(log, "draining";
-        "open_streams" => admission.open_streams(),
-        "drain_period_s" => config.shutdown.drain_period.duration().as_secs_f64(),
-        "timeout_s" => timeout.as_secs_f64());
-    draining.cancel();
-    hub.drain();
-    if tokio::time::timeout(timeout, servers.join_all())
-        .await
-        .is_err()
-    {
-        warn!(log, "shutdown timeout reached with connections still open");
+    /// SIGHUP: re-reads the token, the backend's password and the certificates. Whatever
+    /// fails to load is logged and stays as it was.
+    async fn reload(&self) {
+        let log = &self.log;
+        self.systemd.reloading();
+        match self.auth.reload() {
+            Ok(changed) => info!(log, "reloaded"; "token_changed" => changed),
+            Err(err) => warn!(log, "reload failed, keeping the current token"; "error" => %err),
+        }
+        match self.backend.reload().await {
+            Ok(true) => info!(log, "reconnected the backend with its new password";
+                "backend" => self.backend.describe()),
+            Ok(false) => {}
+            Err(err) => warn!(log, "backend reload failed, keeping the current connection";
+                "error" => %err),
+        }
+        for (listener, certificate) in &self.certificates {
+            let log = log.new(slog::o!("listener" => *listener));
+            match certificate.reload() {
+                Ok(()) => info!(log, "reloaded the tls certificate";
+                    "file" => %certificate.files().certificate_file.display(),
+                    "sha256" => certificate.fingerprint()),
+                Err(err) => warn!(log, "tls reload failed, keeping the current certificate";
+                    "error" => %err, "sha256" => certificate.fingerprint()),
+            }
+        }
+        self.systemd
+            .ready(&format!("serving, backend {}", self.backend.describe()));
     }
-    background.cancel();
-    backend.close().await;
-    info!(log, "stopped");
-    Ok(())
+
+    /// Ends every stream over the drain period and waits for the connections, at most
+    /// `shutdown.timeout`; then stops the background tasks and the backend.
+    async fn drain(self, servers: JoinSet<()>) {
+        let log = &self.log;
+        self.systemd.stopping();
+        let timeout = self.config.shutdown.timeout.duration();
+        info!(log, "draining";
+            "open_streams" => self.state.admission.open_streams(),
+            "drain_period_s" => self.config.shutdown.drain_period.duration().as_secs_f64(),
+            "timeout_s" => timeout.as_secs_f64());
+        self.state.drain();
+        if tokio::time::timeout(timeout, servers.join_all())
+            .await
+            .is_err()
+        {
+            warn!(log, "shutdown timeout reached with connections still open");
+        }
+        self.stop.cancel();
+        self.background.close();
+        self.background.wait().await;
+        self.backend.close().await;
+        info!(log, "stopped");
+    }
 }
 
 /// A bound listener with what it serves.
@@ -271,17 +337,16 @@ impl Served {
     }
 }
 
-fn spawn_sweeper(hub: Arc<hub::Hub>, stop: CancellationToken, log: Logger) {
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = ticks.tick() => {
-                    hub.sweep(SystemTime::now());
-                    slog::debug!(log, "swept"; "environments" => hub.len());
-                }
+/// Forgets expired updates and unwatched environments, every [`SWEEP_INTERVAL`].
+async fn sweep(hub: Arc<hub::Hub>, stop: CancellationToken, log: Logger) {
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {
+                hub.sweep(SystemTime::now());
+                slog::debug!(log, "swept"; "environments" => hub.len());
             }
         }
-    });
+    }
 }

@@ -74,22 +74,19 @@ impl Notifier {
 
     /// Pings the watchdog at half its interval until `stop` fires, if systemd asked for it.
     /// The pings come from a runtime task, so a stalled runtime gets the service restarted.
-    pub fn spawn_watchdog(&self, log: &Logger, stop: CancellationToken) {
+    pub async fn watchdog(self, stop: CancellationToken, log: Logger) {
         let Some(interval) = sd_notify::watchdog_enabled() else {
             return;
         };
         let period = (interval / 2).max(Duration::from_millis(10));
         info!(log, "systemd watchdog enabled"; "interval_ms" => interval.as_millis());
-        let notifier = self.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(period);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = ticks.tick() => notifier.post(Message::Watchdog),
-                }
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticks.tick() => self.post(Message::Watchdog),
             }
-        });
+        }
     }
 }
 

@@ -46,6 +46,15 @@ pub struct State {
     pub log: slog::Logger,
 }
 
+impl State {
+    /// Begins the drain: the listeners stop accepting, and every stream plans its end. The
+    /// hub keeps its own flag of it, which streams read on every wake without a lock.
+    pub fn drain(&self) {
+        self.draining.cancel();
+        self.hub.drain();
+    }
+}
+
 /// The address of the client a request came from, put in its extensions by the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
