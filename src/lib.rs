@@ -96,9 +96,9 @@ struct Service {
     /// The TLS listeners' certificates, reloaded on SIGHUP.
     certificates: Vec<(&'static str, Arc<tls::Certificate>)>,
     systemd: systemd::Notifier,
-    /// The root of the shutdown tree. Its child, `state.draining`, ends the listeners and
-    /// streams first; `stop` itself ends the tasks in `background` once they are gone, so
-    /// that the watchdog keeps pinging through the drain.
+    /// The root of the shutdown tree. Its child `state.draining` ends the listeners and
+    /// streams first; `stop` itself ends the tasks in `background` and the backend's once
+    /// they are gone, so that the watchdog keeps pinging through the drain.
     stop: CancellationToken,
     background: TaskTracker,
     log: Logger,
@@ -136,14 +136,15 @@ impl Service {
             config.retention.duration(),
             metrics.hub.clone(),
         ));
-        let backend = Arc::new(backend::start(&config, hub.clone(), &metrics, &log).await?);
+        let stop = CancellationToken::new();
+        let backend = backend::start(&config, hub.clone(), &metrics, &stop, &log).await?;
+        let backend = Arc::new(backend);
         info!(log, "starting";
             "listen" => %served[0].addr,
             "tls" => served[0].certificate.is_some(),
             "publish_listen" => served.get(1).map(|publish| publish.addr.to_string()),
             "backend" => backend.describe(),
             "config" => slog::Serde(config.redacted()));
-        let stop = CancellationToken::new();
         let state = Arc::new(http::State {
             hub: hub.clone(),
             backend: backend.clone(),

@@ -11,6 +11,7 @@ use flagsmith_sse::backend::nats::NatsBackend;
 use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
 use flagsmith_sse::hub::Hub;
 use flagsmith_sse::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_on_one_instance_reaches_subscribers_on_another() {
@@ -62,9 +63,16 @@ async fn jetstream_deduplicates_by_message_id() {
     let log = slog::Logger::root(slog::Discard, slog::o!());
     let metrics = Metrics::new("nats");
     let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
-    let backend = NatsBackend::start(&config.nats, hub, metrics.backend, metrics.nats, &log)
-        .await
-        .unwrap();
+    let backend = NatsBackend::start(
+        &config.nats,
+        hub,
+        metrics.backend,
+        metrics.nats,
+        CancellationToken::new(),
+        &log,
+    )
+    .await
+    .unwrap();
     tokio::time::timeout(Duration::from_secs(10), backend.readiness().wait())
         .await
         .unwrap();

@@ -15,6 +15,7 @@ use flagsmith_sse::config::RedisConfig;
 use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
 use flagsmith_sse::hub::Hub;
 use flagsmith_sse::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
 
 const UPDATED_AT: &str = "{flagsmith-sse}:updated-at";
 const STORED_AT: &str = "{flagsmith-sse}:stored-at";
@@ -86,8 +87,15 @@ async fn start_backend(config: &RedisConfig, retention: Duration) -> (RedisBacke
     let log = slog::Logger::root(slog::Discard, slog::o!());
     let metrics = Metrics::new("redis");
     let hub = Arc::new(Hub::new(retention, metrics.hub.clone()));
-    let backend =
-        RedisBackend::start(config, hub.clone(), metrics.backend, metrics.redis, &log).unwrap();
+    let backend = RedisBackend::start(
+        config,
+        hub.clone(),
+        metrics.backend,
+        metrics.redis,
+        CancellationToken::new(),
+        &log,
+    )
+    .unwrap();
     tokio::time::timeout(Duration::from_secs(10), backend.readiness().wait())
         .await
         .expect("the backend becomes ready");
@@ -303,10 +311,17 @@ async fn unreadable_secrets_and_certificates_stop_start_up_with_their_path() {
     let start = |config: RedisConfig| {
         let metrics = Metrics::new("redis");
         let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
-        RedisBackend::start(&config, hub, metrics.backend, metrics.redis, &log)
-            .err()
-            .expect("start-up refused")
-            .to_string()
+        RedisBackend::start(
+            &config,
+            hub,
+            metrics.backend,
+            metrics.redis,
+            CancellationToken::new(),
+            &log,
+        )
+        .err()
+        .expect("start-up refused")
+        .to_string()
     };
     let missing = dir.path().join("missing");
     let message = start(RedisConfig {

@@ -130,18 +130,18 @@ impl Backend {
     }
 }
 
-/// A backend's task in the background, stopped and awaited by `close()`.
+/// A backend's task in the background, stopped and awaited by `close()`, or stopped with
+/// the service's shutdown tree.
 struct Background {
     stop: CancellationToken,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Background {
-    fn spawn<F>(run: impl FnOnce(CancellationToken) -> F) -> Self
+    fn spawn<F>(stop: CancellationToken, run: impl FnOnce(CancellationToken) -> F) -> Self
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stop = CancellationToken::new();
         let task = tokio::spawn(run(stop.clone()));
         Self {
             stop,
@@ -157,11 +157,13 @@ impl Background {
     }
 }
 
-/// Builds the configured backend; it starts feeding `hub` at once and connects in the background.
+/// Builds the configured backend; it starts feeding `hub` at once and connects in the
+/// background, until `close()` or until `stop` fires.
 pub async fn start(
     config: &Config,
     hub: Arc<Hub>,
     metrics: &Metrics,
+    stop: &CancellationToken,
     log: &slog::Logger,
 ) -> Result<Backend, StartError> {
     let store: Box<dyn Store> = match config.backend {
@@ -176,6 +178,7 @@ pub async fn start(
                 hub.clone(),
                 metrics.backend.clone(),
                 metrics.nats.clone(),
+                stop.child_token(),
                 log,
             )
             .await?,
@@ -185,6 +188,7 @@ pub async fn start(
             hub.clone(),
             metrics.backend.clone(),
             metrics.redis.clone(),
+            stop.child_token(),
             log,
         )?),
     };

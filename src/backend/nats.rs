@@ -92,6 +92,7 @@ impl NatsBackend {
         hub: Arc<Hub>,
         backend_metrics: BackendMetrics,
         metrics: NatsMetrics,
+        stop: CancellationToken,
         log: &Logger,
     ) -> Result<Self, NatsError> {
         let log = log.new(slog::o!("backend" => "nats"));
@@ -156,7 +157,7 @@ impl NatsBackend {
             stream,
             last_stored,
             link,
-            follower: Background::spawn(|stop| follower.run(stop)),
+            follower: Background::spawn(stop, |stop| follower.run(stop)),
             servers: config.redacted_url(),
             metrics,
         })

@@ -8,6 +8,7 @@ use flagsmith_sse::Config;
 use flagsmith_sse::domain::{EnvironmentKey, Update, UpdatedAt};
 use flagsmith_sse::hub::Hub;
 use flagsmith_sse::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
 
 use super::{Proxy, Service, TOKEN, body_at, event, seconds};
 
@@ -45,9 +46,15 @@ pub async fn concurrent_publishes_from_two_instances_keep_the_newest(config: &Co
     let start = || async {
         let metrics = Metrics::new(config.backend.name());
         let hub = Arc::new(Hub::new(Duration::from_secs(3600), metrics.hub.clone()));
-        let backend = flagsmith_sse::backend::start(config, hub.clone(), &metrics, &log)
-            .await
-            .unwrap();
+        let backend = flagsmith_sse::backend::start(
+            config,
+            hub.clone(),
+            &metrics,
+            &CancellationToken::new(),
+            &log,
+        )
+        .await
+        .unwrap();
         // A new NATS cluster elects its JetStream leader first: seconds.
         tokio::time::timeout(Duration::from_secs(30), backend.readiness().wait())
             .await

@@ -38,6 +38,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::ConnectionManager;
 use slog::Logger;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::link::Link;
 use super::{BackendError, Background, Readiness, ReloadError, Store, Stored};
@@ -109,6 +110,7 @@ impl RedisBackend {
         hub: Arc<Hub>,
         backend_metrics: BackendMetrics,
         metrics: RedisMetrics,
+        stop: CancellationToken,
         log: &Logger,
     ) -> Result<Self, RedisError> {
         let log = log.new(slog::o!("backend" => "redis"));
@@ -167,7 +169,7 @@ impl RedisBackend {
         };
         Ok(Self {
             shared,
-            follower: Background::spawn(|stop| follower.run(stop)),
+            follower: Background::spawn(stop, |stop| follower.run(stop)),
             address,
             config: config.clone(),
             connector: std::sync::Mutex::new(connector),
