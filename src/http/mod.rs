@@ -89,12 +89,23 @@ impl Endpoints {
     };
 }
 
-/// The routes of `endpoints`, with errors as JSON and CORS on every response.
-pub fn routes(
-    state: Arc<State>,
-    endpoints: Endpoints,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
+/// A listener's routes, as [`routes`] builds them: every request gets a response.
+pub trait Routes:
+    Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
 {
+}
+
+impl<F> Routes for F where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The routes of `endpoints`, with errors as JSON and CORS on every response.
+pub fn routes(state: Arc<State>, endpoints: Endpoints) -> impl Routes {
     served_if(endpoints.streams)
         .and(stream::route(state.clone()))
         .or(served_if(endpoints.publish).and(publish::route(state.clone())))
@@ -255,7 +266,7 @@ async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Response,
 
 /// The hyper service for one connection: warp's routes, with `//sse/...` paths accepted (the
 /// Flagsmith API joins URLs by string concatenation) and subscriptions turned into SSE bodies.
-pub fn service<F>(
+pub fn service<F: Routes>(
     routes: F,
 ) -> impl hyper::service::Service<
     Request<hyper::body::Incoming>,
@@ -264,14 +275,7 @@ pub fn service<F>(
     Future = impl Send,
 > + Clone
 + Send
-+ 'static
-where
-    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
++ 'static {
     hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
         let routed = route(&routes, request);
         async move { Ok::<_, Infallible>(routed.await) }
@@ -280,16 +284,11 @@ where
 
 /// `request` through `routes`, with `//sse/...` paths accepted and a subscription turned into
 /// its SSE body.
-fn route<F, B>(
+fn route<F: Routes, B>(
     routes: &F,
     mut request: Request<B>,
 ) -> impl Future<Output = RoutedResponse> + use<F, B>
 where
-    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
     B: http_body::Body + Send + Sync + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -315,14 +314,7 @@ pub type Forward = Arc<
 >;
 
 /// [`Forward`] for `routes`.
-pub fn forward<F>(routes: F) -> Forward
-where
-    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
+pub fn forward<F: Routes>(routes: F) -> Forward {
     Arc::new(move |request| Box::pin(route(&routes, request)))
 }
 
