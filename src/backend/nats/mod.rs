@@ -10,48 +10,45 @@
 //! feeding the hub. The ordered consumer recreates itself after a gap or a reconnect, resuming
 //! from the last stream sequence it delivered, so the newest value of an environment is never
 //! skipped: with one message per subject, the newest one is always at or after that sequence.
+//!
+//! # Layout
+//! - this file: the backend, which stores updates, and its connection's events;
+//! - `last_stored`: what this instance last saw stored, for the compare-and-set;
+//! - `follower`: the task that follows the stream into the hub.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+mod follower;
+mod last_stored;
+
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, message::PublishMessage, stream};
 use futures_util::future::{BoxFuture, FutureExt};
 use prometheus::IntCounter;
-use slog::{Logger, debug, error, info, warn};
+use slog::{Logger, info};
 use tokio_util::sync::CancellationToken;
 
 use super::link::Link;
 use super::{BackendError, Background, Readiness, Store, Stored};
-use crate::config::{NatsConfig, NatsStorage};
-use crate::domain::{EnvironmentKey, Update, UpdatedAt};
+use crate::config::NatsConfig;
+use crate::domain::{Update, UpdatedAt};
 use crate::hub::Hub;
 use crate::metrics::{BackendMetrics, NatsMetrics};
 use crate::secret;
+use follower::{Follower, stream_config};
+use last_stored::LastStored;
 
 /// Subjects of all environments; one token per environment key follows the prefix.
 pub const SUBJECT_PREFIX: &str = "flagsmith.environment.";
 const SUBJECTS: &str = "flagsmith.environment.>";
-/// Retries of the same update within this window are stored once.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// How long each pull of the ordered consumer waits for messages; the server sends an idle
-/// heartbeat every half of it. An ordered consumer lives on one NATS node, and when that node
-/// dies the client recreates it after two missed heartbeats. With async-nats's defaults (30 s
-/// pulls, 15 s heartbeats) an instance whose consumer died with a cluster node heard nothing
-/// for over half a minute while it reported ready; with these it is 2 to 4 s. It costs an idle
-/// instance one pull request every 2 s and a heartbeat every second.
-const CONSUMER_PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// The longest pause between two attempts to reconnect. async-nats waits up to 4 s, doubling
 /// from 1 ms: after a two-second restart of NATS it could stay away for as long again, and a
 /// publish waiting for it within Flagsmith's 2 s would give up first. An attempt against a
 /// server that is down costs a refused connection.
 const RECONNECT_DELAY_MAX: Duration = Duration::from_millis(250);
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 pub struct NatsBackend {
     client: async_nats::Client,
@@ -161,49 +158,6 @@ impl NatsBackend {
             servers: config.redacted_url(),
             metrics,
         })
-    }
-}
-
-/// What this instance last saw stored for each environment: the update and its stream
-/// sequence, from its own publishes' acks and from its consumer. A publish expects that
-/// sequence, so that storing an update usually takes one round trip; when another update was
-/// stored since, JetStream refuses the expectation and the publish reads the stream instead.
-/// One entry per environment stored while this instance ran, a few dozen bytes each.
-#[derive(Default)]
-struct LastStored(Mutex<HashMap<EnvironmentKey, (UpdatedAt, u64)>>);
-
-impl LastStored {
-    fn get(&self, key: &EnvironmentKey) -> Option<(UpdatedAt, u64)> {
-        self.0
-            .lock()
-            .unwrap_or_else(|err| err.into_inner())
-            .get(key)
-            .copied()
-    }
-
-    /// Keeps the later of what is known and `sequence`: the consumer may deliver a message
-    /// after the ack of a newer one.
-    fn record(&self, update: &Update, sequence: u64) {
-        let mut known = self.0.lock().unwrap_or_else(|err| err.into_inner());
-        match known.get_mut(&update.key) {
-            Some(entry) if entry.1 >= sequence => {}
-            Some(entry) => *entry = (update.updated_at, sequence),
-            None => {
-                known.insert(update.key.clone(), (update.updated_at, sequence));
-            }
-        }
-    }
-
-    fn forget(&self, key: &EnvironmentKey) {
-        self.0
-            .lock()
-            .unwrap_or_else(|err| err.into_inner())
-            .remove(key);
-    }
-
-    /// After the stream was recreated, whose sequences start again.
-    fn clear(&self) {
-        self.0.lock().unwrap_or_else(|err| err.into_inner()).clear();
     }
 }
 
@@ -352,191 +306,6 @@ impl Store for NatsBackend {
     }
 }
 
-fn stream_config(config: &NatsConfig, retention: Duration) -> stream::Config {
-    stream::Config {
-        name: config.stream.clone(),
-        subjects: vec![SUBJECTS.to_owned()],
-        max_messages_per_subject: 1,
-        max_age: retention,
-        discard: stream::DiscardPolicy::Old,
-        duplicate_window: DUPLICATE_WINDOW,
-        storage: match config.storage {
-            NatsStorage::File => stream::StorageType::File,
-            NatsStorage::Memory => stream::StorageType::Memory,
-        },
-        num_replicas: config.replicas,
-        ..Default::default()
-    }
-}
-
-/// Reads the stream into the hub through one ordered consumer, for the life of the backend.
-struct Follower {
-    jetstream: jetstream::Context,
-    last_stored: Arc<LastStored>,
-    stream_config: stream::Config,
-    hub: Arc<Hub>,
-    /// The client's connection, as its events report it, and whether the consumer has
-    /// delivered every update that existed when it started.
-    link: Arc<Link>,
-    metrics: NatsMetrics,
-    log: Logger,
-}
-
-impl Follower {
-    async fn run(mut self, stop: CancellationToken) {
-        let mut last_sequence = None;
-        let mut delay = RETRY_MIN;
-        loop {
-            let attempt = self.follow(&mut last_sequence, &mut delay);
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = attempt => {}
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).clamp(RETRY_MIN, RETRY_MAX);
-        }
-    }
-
-    /// Ensures the stream, then consumes it until the consumer fails for good or the client
-    /// reconnects.
-    async fn follow(&mut self, last_sequence: &mut Option<u64>, delay: &mut Duration) {
-        self.link.until_connected(true).await;
-        let mut stream = match self
-            .jetstream
-            .create_or_update_stream(self.stream_config.clone())
-            .await
-        {
-            Ok(_) => match self.jetstream.get_stream(&self.stream_config.name).await {
-                Ok(stream) => stream,
-                Err(err) => {
-                    self.metrics.create_jetstream.inc();
-                    warn!(self.log, "cannot open stream"; "error" => %err);
-                    return;
-                }
-            },
-            Err(err) => {
-                self.metrics.create_jetstream.inc();
-                warn!(self.log, "cannot ensure stream"; "stream" => &self.stream_config.name, "error" => %err);
-                return;
-            }
-        };
-        // A stream that was recreated empty restarts its sequences; resuming from our old
-        // position would skip everything published since.
-        if let (Some(seen), Ok(info)) = (*last_sequence, stream.info().await)
-            && info.state.last_sequence < seen
-        {
-            warn!(self.log, "stream was reset; reloading"; "last_seen" => seen, "stream_last" => info.state.last_sequence);
-            *last_sequence = None;
-            self.last_stored.clear();
-        }
-        let deliver_policy = match *last_sequence {
-            None => consumer::DeliverPolicy::LastPerSubject,
-            Some(sequence) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: sequence + 1,
-            },
-        };
-        let consumer = match stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: SUBJECTS.to_owned(),
-                deliver_policy,
-                max_expires: CONSUMER_PULL_EXPIRES,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(consumer) => consumer,
-            Err(err) => {
-                self.metrics.create_consumer.inc();
-                warn!(self.log, "cannot create consumer"; "error" => %err);
-                return;
-            }
-        };
-        let pending = consumer.cached_info().num_pending;
-        self.metrics
-            .pending
-            .set(i64::try_from(pending).unwrap_or(i64::MAX));
-        if pending == 0 {
-            self.link.set_loaded(true);
-        }
-        let mut messages = match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(err) => {
-                self.metrics.pull.inc();
-                warn!(self.log, "cannot start consumer"; "error" => %err);
-                return;
-            }
-        };
-        info!(self.log, "following stream"; "stream" => &self.stream_config.name, "from" => ?last_sequence);
-        *delay = RETRY_MIN;
-        loop {
-            let message = tokio::select! {
-                message = messages.next() => message,
-                // A restarted server forgets our ephemeral consumer, and missed heartbeats
-                // would take many seconds to tell; start over from our last sequence as soon
-                // as the client is connected again.
-                () = self.link.until_connected(false) => {
-                    info!(self.log, "disconnected, will resume"; "from" => ?last_sequence);
-                    *delay = Duration::ZERO;
-                    return;
-                }
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(err)) => {
-                    self.metrics.pull.inc();
-                    error!(self.log, "consumer failed"; "error" => %err);
-                    return;
-                }
-                None => {
-                    warn!(self.log, "consumer ended");
-                    return;
-                }
-            };
-            let Ok(info) = message.info() else {
-                self.metrics.read.inc();
-                warn!(self.log, "message without jetstream metadata"; "subject" => %message.subject);
-                continue;
-            };
-            *last_sequence = Some(info.stream_sequence);
-            self.metrics
-                .sequence
-                .set(i64::try_from(info.stream_sequence).unwrap_or(i64::MAX));
-            let pending = info.pending;
-            self.metrics
-                .pending
-                .set(i64::try_from(pending).unwrap_or(i64::MAX));
-            let stored_at = SystemTime::from(info.published);
-            match parse_message(&message.subject, &message.payload) {
-                Ok(update) => {
-                    self.last_stored.record(&update, info.stream_sequence);
-                    if self.hub.apply(&update, stored_at) {
-                        debug!(self.log, "update"; "env" => %update.key, "updated_at" => %update.updated_at);
-                    }
-                }
-                Err(reason) => {
-                    self.metrics.read.inc();
-                    warn!(self.log, "ignoring malformed message"; "subject" => %message.subject, "reason" => reason)
-                }
-            }
-            if pending == 0 {
-                self.link.set_loaded(true);
-            }
-        }
-    }
-}
-
-fn parse_message(subject: &str, payload: &[u8]) -> Result<Update, String> {
-    let key = subject
-        .strip_prefix(SUBJECT_PREFIX)
-        .ok_or_else(|| "subject outside the stream's prefix".to_owned())?;
-    let key = EnvironmentKey::parse(key).map_err(|err| err.to_string())?;
-    let updated_at = UpdatedAt::from_body(payload).map_err(|err| err.to_string())?;
-    Ok(Update { key, updated_at })
-}
-
 /// Whether JetStream refused a publish's expected last subject sequence: error 10071 from a
 /// single server, 10164 (the same refusal, worded without the sequence) from a clustered
 /// stream's leader, which async-nats 0.51 reports as `Other`.
@@ -570,15 +339,5 @@ mod tests {
         assert_eq!(reconnect_delay(5), Duration::from_millis(16));
         assert_eq!(reconnect_delay(9), RECONNECT_DELAY_MAX);
         assert_eq!(reconnect_delay(usize::MAX), RECONNECT_DELAY_MAX);
-    }
-
-    #[test]
-    fn messages_become_updates() {
-        let update =
-            parse_message("flagsmith.environment.abc", br#"{"updated_at": 12.5}"#).unwrap();
-        assert_eq!(update.key.as_str(), "abc");
-        assert_eq!(update.updated_at.to_string(), "12.5");
-        assert!(parse_message("other.abc", br#"{"updated_at": 1}"#).is_err());
-        assert!(parse_message("flagsmith.environment.abc", b"{}").is_err());
     }
 }
