@@ -108,11 +108,10 @@ impl Link {
     /// Changes the state and logs when that makes the backend ready.
     fn update(&self, change: impl FnOnce(&mut State)) {
         let mut became_ready = false;
-        self.state.send_if_modified(|state| {
+        self.state.send_modify(|state| {
             let was_ready = state.ready();
             change(state);
             became_ready = !was_ready && state.ready();
-            true
         });
         if became_ready {
             info!(self.log, "backend state"; "state" => "ready");
