@@ -145,11 +145,14 @@ fn parse(bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let status = request.parse(bytes);
-    // `Some(None)`: a request line whose path is not a stream's.
-    let segment = request.path.map(key_segment);
     // Decided as soon as the request line shows it, so other requests reach hyper unchanged
     // however long their heads are.
-    if request.method.is_some_and(|method| method != "GET") || segment == Some(None) {
+    if request.method.is_some_and(|method| method != "GET") {
+        return Parsed::Other;
+    }
+    // `Some(None)`: a request line whose path is not a stream's.
+    let segment = request.path.map(key_segment);
+    if segment == Some(None) {
         return Parsed::Other;
     }
     let length = match status {

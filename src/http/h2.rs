@@ -263,8 +263,12 @@ fn literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(value);
 }
 
-/// A response head: `:status` (from the static table when 200), then every header.
-fn encode_head(status: http::StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
+/// A response head: `:status` (from the static table when 200), then every header, and
+/// `date` unless one of them is.
+fn encode_head<'a>(
+    status: http::StatusCode,
+    headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Vec<u8> {
     let mut block = Vec::new();
     if status == http::StatusCode::OK {
         block.push(0x88);
@@ -274,10 +278,12 @@ fn encode_head(status: http::StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
         integer(0, 7, 3, &mut block);
         block.extend_from_slice(status.as_str().as_bytes());
     }
+    let mut dated = false;
     for (name, value) in headers {
-        literal(name.as_str().as_bytes(), value.as_bytes(), &mut block);
+        dated |= name == b"date";
+        literal(name, value, &mut block);
     }
-    if !headers.contains_key(http::header::DATE) {
+    if !dated {
         let date = httpdate::fmt_http_date(SystemTime::now());
         literal(b"date", date.as_bytes(), &mut block);
     }
@@ -286,11 +292,8 @@ fn encode_head(status: http::StatusCode, headers: &http::HeaderMap) -> Vec<u8> {
 
 /// The response head of every stream served here: the stream route's, as hyper writes it.
 fn response_head() -> Vec<u8> {
-    let mut headers = http::HeaderMap::new();
-    for (name, value) in RESPONSE_HEADERS {
-        headers.insert(name, http::HeaderValue::from_static(value));
-    }
-    encode_head(http::StatusCode::OK, &headers)
+    let headers = RESPONSE_HEADERS.map(|(name, value)| (name.as_bytes(), value.as_bytes()));
+    encode_head(http::StatusCode::OK, headers)
 }
 
 /// What a connection is served with.
@@ -555,7 +558,11 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     /// the streams served here, warp's once read whole.
     fn respond(&mut self, stream: u32, response: RoutedResponse) {
         let (parts, body) = response.into_parts();
-        let head = encode_head(parts.status, &parts.headers);
+        let headers = parts.headers.iter();
+        let head = encode_head(
+            parts.status,
+            headers.map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+        );
         match body {
             http_body_util::Either::Right(body) => {
                 put_frame(&mut self.out, HEADERS, END_HEADERS, stream, &head);

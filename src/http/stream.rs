@@ -113,10 +113,12 @@ pub fn route(
     // requests they hand over (HTTP/1.0, heads too large for `h1`, streams beyond the cap)
     // come here, and whether a target names a stream must not depend on who reads it.
     warp::path::full()
-        .and_then(|path: FullPath| async move {
-            key_segment(path.as_str())
-                .map(str::to_owned)
-                .ok_or_else(warp::reject::not_found)
+        .and_then(|path: FullPath| {
+            std::future::ready(
+                key_segment(path.as_str())
+                    .map(str::to_owned)
+                    .ok_or_else(warp::reject::not_found),
+            )
         })
         .and(warp::get())
         .and(with_state(state))

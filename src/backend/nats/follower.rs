@@ -147,13 +147,17 @@ impl Follower {
         };
         info!(self.log, "following stream"; "stream" => &self.stream_config.name, "from" => ?last_sequence);
         *delay = RETRY_MIN;
+        // Made once for the consumer's life, not for every message.
+        let link = self.link.clone();
+        let disconnected = link.until_connected(false);
+        tokio::pin!(disconnected);
         loop {
             let message = tokio::select! {
                 message = messages.next() => message,
                 // A restarted server forgets our ephemeral consumer, and missed heartbeats
                 // would take many seconds to tell; start over from our last sequence as soon
                 // as the client is connected again.
-                () = self.link.until_connected(false) => {
+                () = &mut disconnected => {
                     info!(self.log, "disconnected, will resume"; "from" => ?last_sequence);
                     *delay = Duration::ZERO;
                     return;
