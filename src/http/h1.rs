@@ -67,6 +67,10 @@ enum Parsed {
     Other,
     /// Too short to tell.
     Partial,
+    /// Neither HTTP/1.x nor HTTP/2: a request line with another version, which no client of
+    /// either sends. Closed without an answer, since no answer would be understood (an
+    /// HTTP/2 client with a broken preface reads a 400 as a frame).
+    Neither,
 }
 
 /// Serves stream requests on `io` until it closes or a request is not one for this module.
@@ -116,6 +120,7 @@ where
         match parse(head) {
             Parsed::Stream(request) => return Ok(request),
             Parsed::Other => return Err(Outcome::Handoff(std::mem::take(head))),
+            Parsed::Neither => return Err(Outcome::Closed),
             Parsed::Partial => {}
         }
         // At least: what a client sent during its last stream may sit in a larger buffer.
@@ -145,6 +150,10 @@ fn parse(bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let status = request.parse(bytes);
+    // HTTP/2's preface reads as a request line of version HTTP/2.0 and method PRI.
+    if status == Err(httparse::Error::Version) && request.method != Some("PRI") {
+        return Parsed::Neither;
+    }
     // Decided as soon as the request line shows it, so other requests reach hyper unchanged
     // however long their heads are.
     if request.method.is_some_and(|method| method != "GET") {
@@ -455,6 +464,17 @@ mod tests {
                 String::from_utf8_lossy(request)
             );
         }
+    }
+
+    #[test]
+    fn a_request_line_of_neither_http_1_nor_http_2_is_neither() {
+        assert_eq!(
+            parse(b"INVALID CONNECTION PREFACE\r\n\r\n"),
+            Parsed::Neither
+        );
+        assert_eq!(parse(b"GET / HTTP/3.0\r\n\r\n"), Parsed::Neither);
+        assert_eq!(parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Parsed::Other);
+        assert_eq!(parse(b"PRI * HTTP/2.0\r\n"), Parsed::Other);
     }
 
     #[test]

@@ -64,6 +64,9 @@ const STREAM_SEND_BUFFER: usize = 16 * 1024;
 /// What every connection of every listener shares.
 pub struct Connections {
     builder: auto::Builder<TokioExecutor>,
+    /// The same builder for connections whose protocol TLS's ALPN chose.
+    http1_only: auto::Builder<TokioExecutor>,
+    http2_only: auto::Builder<TokioExecutor>,
     http2: Http2Config,
     /// How long a write may wait for a client that reads nothing.
     write_timeout: Duration,
@@ -87,6 +90,8 @@ impl Connections {
             .initial_connection_window_size(CONNECTION_RECEIVE_WINDOW)
             .max_send_buf_size(STREAM_SEND_BUFFER);
         Self {
+            http1_only: builder.clone().http1_only(),
+            http2_only: builder.clone().http2_only(),
             builder,
             http2: http2.clone(),
             write_timeout,
@@ -161,7 +166,8 @@ pub async fn serve<S, B>(
         match &tls {
             None => {
                 let watcher = graceful.watcher();
-                tokio::spawn(async move { connection.serve(socket, watcher).await });
+                let protocol = Protocol::Sniffed;
+                tokio::spawn(async move { connection.serve(socket, protocol, watcher).await });
             }
             Some(config) => {
                 let handshake = crate::tls::accept(socket, config.clone());
@@ -179,8 +185,11 @@ pub async fn serve<S, B>(
                         // was moved into (6.6 KB per idle TLS connection where it is 1.5 KB
                         // without TLS).
                         Ok(Ok(stream)) => {
+                            let protocol = Protocol::chosen(stream.alpn_protocol());
                             let stream = Box::new(stream);
-                            tokio::spawn(async move { connection.serve(stream, watcher).await });
+                            tokio::spawn(async move {
+                                connection.serve(stream, protocol, watcher).await
+                            });
                         }
                         Ok(Err(err)) => {
                             connection.shared.metrics.tls_handshake_errors.inc();
@@ -199,6 +208,26 @@ pub async fn serve<S, B>(
     graceful.shutdown().await;
 }
 
+/// A connection's protocol, as far as it is known before its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Plaintext, or TLS without ALPN: the first bytes tell HTTP/1.1 from HTTP/2's preface.
+    Sniffed,
+    /// What TLS's ALPN chose, which is the protocol (RFC 7301).
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    fn chosen(alpn: Option<&[u8]>) -> Self {
+        match alpn {
+            Some(b"h2") => Protocol::Http2,
+            Some(b"http/1.1") => Protocol::Http1,
+            _ => Protocol::Sniffed,
+        }
+    }
+}
+
 /// One accepted connection, before its protocol is known.
 struct Connection<S> {
     shared: Arc<Connections>,
@@ -210,7 +239,7 @@ struct Connection<S> {
 
 impl<S> Connection<S> {
     /// Serves the connection; `watcher` lets a graceful shutdown wait for hyper's connections.
-    async fn serve<I, B>(&self, io: I, watcher: Watcher)
+    async fn serve<I, B>(&self, io: I, protocol: Protocol, watcher: Watcher)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<
@@ -237,12 +266,16 @@ impl<S> Connection<S> {
             shared: self.shared.clone(),
         };
         if let Some(Streams { state, forward }) = &self.streams {
-            match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
-                h1::Outcome::Closed => return,
-                h1::Outcome::Handoff(read) => io.unread = read,
+            if protocol != Protocol::Http2 {
+                match h1::serve(&mut io, state, HEADER_READ_TIMEOUT).await {
+                    h1::Outcome::Closed => return,
+                    h1::Outcome::Handoff(read) => io.unread = read,
+                }
             }
             let compared = io.unread.len().min(h2::PREFACE.len());
-            if io.unread[..compared] == h2::PREFACE[..compared] {
+            let sniffed =
+                protocol == Protocol::Sniffed && io.unread[..compared] == h2::PREFACE[..compared];
+            if sniffed || protocol == Protocol::Http2 {
                 let read = std::mem::take(&mut io.unread);
                 let served = h2::Served {
                     state,
@@ -250,22 +283,31 @@ impl<S> Connection<S> {
                     config: &self.shared.http2,
                     peer: PeerAddr(self.peer),
                 };
+                let chosen = if sniffed {
+                    h2::Chosen::Sniffed
+                } else {
+                    h2::Chosen::Negotiated
+                };
                 // Boxed, as hyper's connection below: the task of every connection is
                 // allocated at the size of its largest state.
-                match Box::pin(h2::serve(&mut io, served, read, HEADER_READ_TIMEOUT)).await {
+                let serving = h2::serve(&mut io, served, read, HEADER_READ_TIMEOUT, chosen);
+                match Box::pin(serving).await {
                     h1::Outcome::Closed => return,
                     h1::Outcome::Handoff(read) => io.unread = read,
                 }
             }
         }
         io.served_by_hyper = true;
+        let builder = match protocol {
+            Protocol::Sniffed => &self.shared.builder,
+            Protocol::Http1 => &self.shared.http1_only,
+            Protocol::Http2 => &self.shared.http2_only,
+        };
         let service = WithPeer {
             service: self.service.clone(),
             peer: PeerAddr(self.peer),
         };
-        let connection = self
-            .shared
-            .builder
+        let connection = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
         // Boxed: the task of every connection is allocated at the size of its largest state,
