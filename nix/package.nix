@@ -49,6 +49,10 @@ rustPlatform.buildRustPackage {
     # Reads README.md, CHANGELOG.md and docs/, which the source above leaves out so that
     # editing them does not rebuild the package; `.ci/run` runs it.
     "--skip=every_internal_link_of_the_documentation_resolves"
+    # Run h2spec from its static build beside the project (shared/tools/h2spec), outside the
+    # package's source; `.ci/run` runs them.
+    "--skip=the_services_own_http2_passes_every_case_on_h2c_and_tls"
+    "--skip=the_publish_listener_fails_only_hypers_own_cases"
   ];
 
   meta = {

@@ -18,12 +18,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// This process's resident memory: the service runs in it.
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    common::rss_kib_of("self")
 }
 
 /// A subscriber of `key` on a connection of its own gets an update published now.

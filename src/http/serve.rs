@@ -272,9 +272,7 @@ impl<S> Connection<S> {
                     h1::Outcome::Handoff(read) => io.unread = read,
                 }
             }
-            let compared = io.unread.len().min(h2::PREFACE.len());
-            let sniffed =
-                protocol == Protocol::Sniffed && io.unread[..compared] == h2::PREFACE[..compared];
+            let sniffed = protocol == Protocol::Sniffed && h2::is_preface_start(&io.unread);
             if sniffed || protocol == Protocol::Http2 {
                 let read = std::mem::take(&mut io.unread);
                 let served = h2::Served {

@@ -131,12 +131,7 @@ impl Daemon {
 
     /// Resident memory, in KiB, as the kernel counts it.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
+        super::rss_kib_of(&self.pid().to_string())
     }
 
     /// File descriptors the process has open.

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
+pub const PRIORITY: u8 = 0x2;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
 pub const PING: u8 = 0x6;
@@ -20,7 +21,14 @@ pub const END_STREAM: u8 = 0x1;
 pub const ACK: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
 
+pub const SETTINGS_ENABLE_PUSH: u16 = 0x2;
 pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+
+pub const PROTOCOL_ERROR: u32 = 0x1;
+pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+pub const STREAM_CLOSED: u32 = 0x5;
+pub const FRAME_SIZE_ERROR: u32 = 0x6;
+pub const COMPRESSION_ERROR: u32 = 0x9;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -159,6 +167,30 @@ pub fn header(name: &str, value: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(value);
 }
 
+/// A header field as a literal with incremental indexing and a literal name (RFC 7541
+/// §6.2.1): the service's decoder adds it to its dynamic table.
+pub fn indexed_header(name: &str, value: &[u8], out: &mut Vec<u8>) {
+    out.push(0x40);
+    integer(0, 7, name.len(), out);
+    out.extend_from_slice(name.as_bytes());
+    integer(0, 7, value.len(), out);
+    out.extend_from_slice(value);
+}
+
+/// A dynamic table size update to `size` (RFC 7541 §6.3), which starts a header block.
+pub fn table_size_update(size: usize, out: &mut Vec<u8>) {
+    integer(0x20, 5, size, out);
+}
+
+/// The header block of a request with these pseudo-header fields, in this order.
+pub fn request(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        header(name, value.as_bytes(), &mut block);
+    }
+    block
+}
+
 /// The header block of `GET path` over h2c.
 pub fn get(path: &str) -> Vec<u8> {
     let mut block = Vec::new();
@@ -167,6 +199,12 @@ pub fn get(path: &str) -> Vec<u8> {
     header(":authority", b"localhost", &mut block);
     header(":path", path.as_bytes(), &mut block);
     block
+}
+
+/// A frame's error code: RST_STREAM's payload, or GOAWAY's after its last stream.
+pub fn error_code(frame: &Frame) -> u32 {
+    let at = if frame.kind == GOAWAY { 4 } else { 0 };
+    u32::from_be_bytes(frame.payload[at..at + 4].try_into().unwrap())
 }
 
 /// Whether a response's header block starts with `:status: 200`, which HPACK's static table

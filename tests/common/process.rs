@@ -16,6 +16,17 @@ pub fn binary_on_path(name: &str, install: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not on PATH; {install}"))
 }
 
+/// Resident memory of a process (a pid, or `self` for this one: in-process services run in
+/// it), in KiB, as the kernel counts it.
+pub fn rss_kib_of(process: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
 pub fn kill(child: &mut Option<Child>) {
     if let Some(mut child) = child.take() {
         let _ = child.kill();

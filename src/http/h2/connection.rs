@@ -468,14 +468,11 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
             if self.out.len() - self.sent > MAX_PENDING_OUTPUT {
                 break Ok(());
             }
-            let handled = match frame::parse(&read[at..]) {
-                Ok(Some((frame, length))) => {
-                    at += length;
-                    self.on_frame(frame)
-                }
-                Ok(None) => break Ok(()),
-                Err(error) => Err(error),
+            let Some((frame, length)) = frame::parse(&read[at..]) else {
+                break Ok(());
             };
+            at += length;
+            let handled = frame.and_then(|frame| self.on_frame(frame));
             if let Err(code) = handled.or_else(|error| self.on_error(error)) {
                 break Err(code);
             }
@@ -953,7 +950,7 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
                 return Poll::Pending;
             }
             // Whole frames held back while output was pending: handled by the next turn.
-            if frame::parse(&self.read).map_or(true, |found| found.is_some()) {
+            if frame::parse(&self.read).is_some() {
                 continue;
             }
             match self.poll_read(cx) {

@@ -118,21 +118,23 @@ pub enum Frame<'a> {
     },
 }
 
-/// The frame at the start of `bytes` and its length on the wire, `None` until all of it is
-/// there.
-pub fn parse(bytes: &[u8]) -> Result<Option<(Frame<'_>, usize)>, Error> {
-    let Some(head) = bytes.get(..HEAD) else {
-        return Ok(None);
-    };
+/// The frame at the start of `bytes`, or the error it is, and its length on the wire; `None`
+/// until all of it is there. A frame beyond [`MAX_FRAME`] is an error as soon as its header
+/// is.
+pub fn parse(bytes: &[u8]) -> Option<(Result<Frame<'_>, Error>, usize)> {
+    let head = bytes.get(..HEAD)?;
     let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
     // Every frame that could change the connection's state is a connection error when too
     // large (RFC 9113 §4.2); for the others, ending the connection is allowed too.
     if length > MAX_FRAME {
-        return Err(Error::Connection(FRAME_SIZE_ERROR));
+        return Some((Err(Error::Connection(FRAME_SIZE_ERROR)), HEAD));
     }
-    let Some(payload) = bytes.get(HEAD..HEAD + length) else {
-        return Ok(None);
-    };
+    let payload = bytes.get(HEAD..HEAD + length)?;
+    Some((frame(head, payload), HEAD + length))
+}
+
+/// A frame's meaning, from its header and payload.
+fn frame<'a>(head: &[u8], payload: &'a [u8]) -> Result<Frame<'a>, Error> {
     let (kind, flags) = (head[3], head[4]);
     // The reserved bit is ignored (RFC 9113 §4.1).
     let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
@@ -209,7 +211,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(Frame<'_>, usize)>, Error> {
         }
         _ => Frame::Unknown { stream },
     };
-    Ok(Some((frame, HEAD + length)))
+    Ok(frame)
 }
 
 fn data(stream: u32, flags: u8, payload: &[u8]) -> Result<Frame<'_>, Error> {
@@ -366,25 +368,25 @@ mod tests {
 
     fn parsed(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Result<Frame<'static>, Error> {
         let wire = Box::leak(bytes(kind, flags, stream, payload).into_boxed_slice());
-        parse(wire).map(|found| found.expect("whole").0)
+        parse(wire).expect("whole").0
     }
 
     #[test]
     fn a_frame_is_read_only_once_all_of_it_is_there() {
         let wire = bytes(DATA, END_STREAM, 1, b"hello");
         for cut in 0..wire.len() {
-            assert_eq!(parse(&wire[..cut]), Ok(None), "cut at {cut}");
+            assert_eq!(parse(&wire[..cut]), None, "cut at {cut}");
         }
-        let (frame, length) = parse(&wire).unwrap().unwrap();
+        let (frame, length) = parse(&wire).unwrap();
         assert_eq!(length, wire.len());
         assert_eq!(
             frame,
-            Frame::Data {
+            Ok(Frame::Data {
                 stream: 1,
                 end_stream: true,
                 data: b"hello",
                 flow: 5
-            }
+            })
         );
     }
 
@@ -469,9 +471,13 @@ mod tests {
             parsed(GOAWAY, 0, 0, &[0; 7]),
             Err(Error::Connection(FRAME_SIZE_ERROR))
         );
+        // Known from the header alone.
         let mut too_long = bytes(DATA, 0, 1, &[]);
         too_long[..3].copy_from_slice(&[0, 0x40, 0x01]);
-        assert_eq!(parse(&too_long), Err(Error::Connection(FRAME_SIZE_ERROR)));
+        assert_eq!(
+            parse(&too_long),
+            Some((Err(Error::Connection(FRAME_SIZE_ERROR)), HEAD))
+        );
     }
 
     #[test]

@@ -52,6 +52,13 @@ const PREFACE_LINE: usize = 16;
 /// How long a connection ending in error waits for its GOAWAY to go out.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
 
+/// Whether a connection's first bytes are HTTP/2's: they start as the preface does, as far as
+/// its request line.
+pub fn is_preface_start(bytes: &[u8]) -> bool {
+    let compared = bytes.len().min(PREFACE_LINE);
+    bytes[..compared] == PREFACE[..compared]
+}
+
 /// What a connection is served with.
 pub struct Served<'a> {
     pub state: &'a Arc<State>,
