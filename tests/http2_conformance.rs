@@ -360,6 +360,17 @@ async fn rfc9113_6_3_priority_frames_are_checked() {
         .await
         .unwrap();
     expect_reset(&mut client, 3, FRAME_SIZE_ERROR).await;
+    // What follows on a stream the service reset is ignored, errors included (§5.4.2).
+    client
+        .send(&frame(PRIORITY, 0, 3, &[0, 0, 0, 1]))
+        .await
+        .unwrap();
+    let again = client
+        .until(Duration::from_millis(500), |frame| {
+            frame.kind == GOAWAY || (frame.kind == RST_STREAM && frame.stream == 3)
+        })
+        .await;
+    assert_eq!(again, Next::Silent);
     subscribe(&mut client, 5, "env").await;
     client
         .send(&frame(PRIORITY, 0, 5, &[0, 0, 0, 5, 16]))

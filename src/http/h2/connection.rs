@@ -491,6 +491,13 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
             // No RST_STREAM for a stream that never opened (RFC 9113 §5.1): the error is the
             // connection's.
             Error::Stream(stream, code) if self.state_of(stream) == State::Idle => Err(code),
+            // Whatever comes on a stream after the service reset it is ignored (RFC 9113
+            // §5.4.2), malformed or not.
+            Error::Stream(stream, _)
+                if self.state_of(stream) == State::Closed(Closed::ResetHere) =>
+            {
+                Ok(())
+            }
             Error::Stream(stream, code) => {
                 self.reset(stream, code);
                 self.count_reset().map_err(|_| ENHANCE_YOUR_CALM)

@@ -188,11 +188,14 @@ fn invalid_name(name: &[u8]) -> Option<&'static str> {
         .then_some("upper case or invalid character in a field name")
 }
 
-/// Why a field value is not one HTTP/2 allows (RFC 9113 §8.2.1), if it is not.
+/// Why a field value is not one HTTP/2 allows (RFC 9113 §8.2.1), if it is not. Control
+/// characters other than HTAB, which the RFC leaves to HTTP's field syntax, are refused in
+/// every field, pseudo-header fields included, as HTTP/1.1's parser refuses them.
 fn invalid_value(value: &[u8]) -> Option<&'static str> {
     let whitespace = |byte: &u8| matches!(byte, b' ' | b'\t');
-    if value.iter().any(|byte| matches!(byte, 0 | b'\r' | b'\n')) {
-        Some("NUL, CR or LF in a field value")
+    let control = |byte: &u8| (*byte < 0x20 && *byte != b'\t') || *byte == 0x7f;
+    if value.iter().any(control) {
+        Some("control character in a field value")
     } else if value.first().is_some_and(whitespace) || value.last().is_some_and(whitespace) {
         Some("whitespace around a field value")
     } else {
@@ -279,7 +282,11 @@ mod tests {
                 "conflicting",
             ),
             (with(&[("x", " padded")]), "whitespace"),
-            (with(&[("x", "a\rb")]), "CR"),
+            (with(&[("x", "a\rb")]), "control character"),
+            (
+                vec![GET[0], GET[1], GET[2], (":path", "/\x01")],
+                "control character",
+            ),
             (GET[..3].to_vec(), "no :path"),
             (vec![GET[0], GET[2], GET[3]], "no :scheme"),
             (GET[1..].to_vec(), "no :method"),
