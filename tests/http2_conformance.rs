@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::frames::{
     COMPRESSION_ERROR, DATA, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, Frame,
-    GOAWAY, HEADERS, Next, PRIORITY, PROTOCOL_ERROR, RST_STREAM, RawH2, SETTINGS,
+    GOAWAY, HEADERS, Next, PRIORITY, PROTOCOL_ERROR, REFUSED_STREAM, RST_STREAM, RawH2, SETTINGS,
     SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, STREAM_CLOSED, WINDOW_UPDATE, error_code,
     frame, get, header, indexed_header, is_200, request, table_size_update,
 };
@@ -575,5 +575,75 @@ async fn rfc7301_alpns_choice_is_the_protocol() {
     let mut head = [0; 15];
     tls.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200 OK");
+    service.stop().await;
+}
+
+/// A publish's header block, with no END_STREAM: its body is to come.
+fn publish_opening(stream: u32) -> Vec<u8> {
+    frame(HEADERS, END_HEADERS, stream, &queue_change("bodies"))
+}
+
+/// RFC 9113 §6.9.1: what a connection's unfinished request bodies hold is bounded by its
+/// receive window, which the service gives back only as bodies are passed on; a client that
+/// sends beyond it gets FLOW_CONTROL_ERROR. And a connection has at most 64 requests other
+/// than subscriptions in progress: header lists cost memory however few bytes HPACK sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc9113_6_9_1_request_bodies_are_bounded_by_the_connections_window() {
+    let service = Service::start_ready(test_config()).await;
+    let mut client = RawH2::connect(service.addr, &[]).await;
+    // `{"updated_at": 1.5}` padded with JSON's whitespace to 4 KiB.
+    let body = format!("{:<4096}", body_at(1.5));
+    // 15 bodies of 4 KiB, all but the last byte of 16 KiB more: 65,535 bytes, the window.
+    let mut bytes = Vec::new();
+    for stream in (1..=31).step_by(2) {
+        bytes.extend(publish_opening(stream));
+        let length = if stream == 31 { 4095 } else { 4096 };
+        bytes.extend(frame(DATA, 0, stream, &body.as_bytes()[..length]));
+    }
+    client.send(&bytes).await.unwrap();
+    // Nothing given back while the bodies wait: no WINDOW_UPDATE for the connection.
+    let given = client
+        .until(Duration::from_millis(500), |frame| {
+            frame.kind == WINDOW_UPDATE || frame.kind == GOAWAY || frame.kind == RST_STREAM
+        })
+        .await;
+    assert_eq!(given, Next::Silent);
+    // A finished body is passed on and its 4 KiB given back.
+    client.send(&frame(DATA, END_STREAM, 1, &[])).await.unwrap();
+    match client
+        .until(WAIT, |frame| frame.kind == WINDOW_UPDATE)
+        .await
+    {
+        Next::Frame(update) => {
+            assert_eq!(
+                (update.stream, &update.payload[..]),
+                (0, &4096_u32.to_be_bytes()[..])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match client
+        .until(WAIT, |frame| frame.stream == 1 && frame.kind == HEADERS)
+        .await
+    {
+        Next::Frame(head) => assert!(is_200(&head.payload), "{head:?}"),
+        other => panic!("{other:?}"),
+    }
+    // 4 KiB and one byte more than the window now allows.
+    client
+        .send(&frame(DATA, 0, 3, &[b' '; 4097]))
+        .await
+        .unwrap();
+    expect_goaway(&mut client, FLOW_CONTROL_ERROR).await;
+
+    let mut client = RawH2::connect(service.addr, &[]).await;
+    let mut bytes = Vec::new();
+    for stream in (1..=129).step_by(2) {
+        bytes.extend(publish_opening(stream));
+    }
+    client.send(&bytes).await.unwrap();
+    expect_reset(&mut client, 129, REFUSED_STREAM).await;
+    // Subscriptions are not requests of that kind.
+    subscribe(&mut client, 131, "bystander").await;
     service.stop().await;
 }

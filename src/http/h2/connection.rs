@@ -54,6 +54,12 @@ const MAX_BODY: usize = 16 * 1024;
 /// A forwarded request's response body is read whole before it is sent: `/metricsz` is tens
 /// of KiB.
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+/// Requests other than subscriptions one connection may have in progress; more are refused
+/// with REFUSED_STREAM, which a client may retry. Each may hold a 16 KiB header list (which
+/// HPACK lets a client send in a few bytes), its body and a response read whole, where a
+/// subscription holds a few hundred bytes; `max_concurrent_streams` alone would let one
+/// connection hold 1000 of them.
+const MAX_FORWARDED: usize = 64;
 const INTERNAL_ERROR: u32 = 0x2;
 
 /// The streams whose bodies woke since the connection's task last polled them, and that task.
@@ -116,6 +122,9 @@ struct Stream {
     pending: Option<(Bytes, usize)>,
     /// END_STREAM goes with the end of the pending data.
     ended: bool,
+    /// The stream's request is forwarded to warp, not a subscription: counted against
+    /// [`MAX_FORWARDED`].
+    forwarded: bool,
     work: Work,
 }
 
@@ -152,6 +161,8 @@ pub struct Connection<'a, I> {
     sent: usize,
     /// Open and half-closed streams.
     streams: HashMap<u32, Stream>,
+    /// Of them, those whose requests are forwarded to warp.
+    forwarded: usize,
     /// How the last streams closed.
     recent: Recent,
     woken: Arc<Woken>,
@@ -163,6 +174,8 @@ pub struct Connection<'a, I> {
     /// The client's initial window for streams, and the connection's send window.
     initial_window: i64,
     window: i64,
+    /// What the client may still send on the connection.
+    receive_window: i64,
     /// The largest DATA payload the client accepts.
     max_frame: usize,
     continuation: Option<Continuation>,
@@ -198,12 +211,14 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
             out: Vec::new(),
             sent: 0,
             streams: HashMap::new(),
+            forwarded: 0,
             recent: Recent::default(),
             woken: Arc::default(),
             polling: Vec::new(),
             blocked: Vec::new(),
             initial_window: DEFAULT_WINDOW,
             window: DEFAULT_WINDOW,
+            receive_window: DEFAULT_WINDOW,
             max_frame: MAX_FRAME,
             continuation: None,
             greeted: false,
@@ -285,12 +300,25 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
     /// Forgets an open or half-closed `stream`, now closed: its body, if any, is dropped
     /// with it, and what warp was doing for it stops.
     fn close_stream(&mut self, stream: u32, closed: Closed) {
-        if let Some(entry) = self.streams.remove(&stream)
-            && let Work::Forwarding(abort) = entry.work
-        {
-            abort.abort();
+        if let Some(entry) = self.streams.remove(&stream) {
+            self.forwarded -= usize::from(entry.forwarded);
+            match entry.work {
+                Work::Forwarding(abort) => abort.abort(),
+                // The body the connection's window held: given back now it is dropped.
+                Work::Receiving(receiving) => self.give_back(receiving.1.len()),
+                Work::Body(..) | Work::Sending => {}
+            }
         }
         self.recent.remember(stream, closed);
+    }
+
+    /// Gives back `length` bytes of the connection's receive window.
+    fn give_back(&mut self, length: usize) {
+        if length > 0 {
+            self.receive_window += length as i64;
+            let length = u32::try_from(length).expect("bodies are at most 16 KiB");
+            frame::put_window_update(&mut self.out, 0, length);
+        }
     }
 
     /// Resets `stream` for the client's error, as a stream error does (RFC 9113 §5.4.2).
@@ -622,8 +650,10 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
         }
     }
 
-    /// A request body's frame; the connection's window is given back at once, the stream's
-    /// never ([`MAX_BODY`]).
+    /// A request body's frame. The stream's window is never given back ([`MAX_BODY`]); the
+    /// connection's is for what is not kept, at once, and for a body once it is passed on or
+    /// dropped, so that what a connection's streams hold is bounded by its window (the
+    /// default 65,535 bytes), all streams together.
     fn on_data(
         &mut self,
         stream: u32,
@@ -631,43 +661,68 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
         data: &[u8],
         flow: u32,
     ) -> Result<(), Error> {
-        if flow > 0 {
-            frame::put_window_update(&mut self.out, 0, flow);
+        // What the client may send on the connection (RFC 9113 §6.9.1).
+        self.receive_window -= i64::from(flow);
+        if self.receive_window < 0 {
+            return Err(Error::Connection(FLOW_CONTROL_ERROR));
         }
+        let kept = self.on_stream_data(stream, end_stream, data, flow);
+        self.give_back(flow as usize - kept.as_ref().map_or(0, |kept| *kept));
+        kept?;
+        match end_stream {
+            true => self.dispatch_received(stream),
+            false => self.dispatch_full(stream),
+        }
+    }
+
+    /// Takes a DATA frame's data into its stream's request body; how much was kept.
+    fn on_stream_data(
+        &mut self,
+        stream: u32,
+        end_stream: bool,
+        data: &[u8],
+        flow: u32,
+    ) -> Result<usize, Error> {
         if self
             .receive(stream, Received::Data { end_stream })?
             .is_none()
         {
-            return Ok(());
+            return Ok(0);
         }
         let Some(entry) = self.streams.get_mut(&stream) else {
-            return Ok(());
+            return Ok(0);
         };
         entry.received += flow;
         if entry.received as usize > MAX_BODY {
             return Err(Error::Stream(stream, FLOW_CONTROL_ERROR));
         }
         let Work::Receiving(receiving) = &mut entry.work else {
-            return Ok(());
+            return Ok(0);
         };
         let (request, body) = &mut **receiving;
-        body.extend_from_slice(data);
-        let length = body.len() as u64;
+        let length = (body.len() + data.len()) as u64;
         match request.content_length {
             Some(expected) if length > expected || (end_stream && length != expected) => {
-                return Err(malformed(stream));
+                Err(malformed(stream))
             }
-            _ => {}
+            _ => {
+                body.extend_from_slice(data);
+                Ok(data.len())
+            }
         }
-        // A body that fills the window is too large for any route: warp answers 413 without
-        // the rest, which the client cannot send.
-        if end_stream || entry.received as usize == MAX_BODY {
-            self.dispatch_received(stream)?;
-        }
-        Ok(())
     }
 
-    /// Passes the request whose body has arrived to warp.
+    /// A body that fills the stream's window is too large for any route: warp answers 413
+    /// without the rest, which the client cannot send.
+    fn dispatch_full(&mut self, stream: u32) -> Result<(), Error> {
+        match self.streams.get(&stream) {
+            Some(entry) if entry.received as usize == MAX_BODY => self.dispatch_received(stream),
+            _ => Ok(()),
+        }
+    }
+
+    /// Passes the request whose body has arrived to warp, and gives back the connection's
+    /// window its body held.
     fn dispatch_received(&mut self, stream: u32) -> Result<(), Error> {
         let Some(entry) = self.streams.get_mut(&stream) else {
             return Ok(());
@@ -676,6 +731,7 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
             return Ok(());
         };
         let (request, body) = *receiving;
+        self.give_back(body.len());
         self.dispatch(stream, request, body)
     }
 
@@ -713,6 +769,7 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
                 received: 0,
                 pending: None,
                 ended: false,
+                forwarded: false,
                 work: Work::Sending,
             },
         );
@@ -725,22 +782,28 @@ impl<'a, I: AsyncRead + AsyncWrite + Unpin> Connection<'a, I> {
         if request.malformed.is_some() || (end_stream && request.content_length.unwrap_or(0) != 0) {
             return Err(malformed(stream));
         }
-        if !end_stream {
-            let entry = self.streams.get_mut(&stream).expect("inserted above");
-            entry.work = Work::Receiving(Box::new((request, Vec::new())));
+        let subscription = match end_stream {
+            true => request
+                .stream_key()
+                .and_then(|key| Subscription::admit(key, self.state.clone())),
+            false => None,
+        };
+        if let Some(subscription) = subscription {
+            self.open(stream, subscription);
             return Ok(());
         }
-        match request
-            .stream_key()
-            .and_then(|key| Subscription::admit(key, self.state.clone()))
-        {
-            Some(subscription) => {
-                self.open(stream, subscription);
-                Ok(())
-            }
-            // Any other request, and a stream's beyond max_streams, whose 503 warp writes.
-            None => self.dispatch(stream, request, Vec::new()),
+        // Any other request, and a stream's beyond max_streams, whose 503 warp writes.
+        if self.forwarded == MAX_FORWARDED {
+            return Err(Error::Stream(stream, REFUSED_STREAM));
         }
+        self.forwarded += 1;
+        let entry = self.streams.get_mut(&stream).expect("inserted above");
+        entry.forwarded = true;
+        if end_stream {
+            return self.dispatch(stream, request, Vec::new());
+        }
+        entry.work = Work::Receiving(Box::new((request, Vec::new())));
+        Ok(())
     }
 
     /// A header block on a stream that is not idle: a trailer section if the request is
