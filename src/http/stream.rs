@@ -1,6 +1,7 @@
 //! `GET /sse/environments/{key}/stream`: the Server-Sent Events stream.
 //!
-//! Each stream writes the newest known update first, then one event per newer update, a
+//! Each stream writes the newest known update first (or, with none known, a `: ping` comment,
+//! so that every browser's EventSource opens at once), then one event per newer update, a
 //! `: ping` comment after `keepalive_interval` without a write, and ends cleanly after its
 //! lifetime (`max_stream_age` minus jitter) or during the drain after SIGTERM, each preceded by
 //! a short `retry:` so browsers come back quickly.
@@ -230,8 +231,14 @@ enum Message {
 /// own: a subscriber that reads slowly is simply polled less often and sees the newest event.
 pub struct SseBody {
     key: EnvironmentKey,
-    /// The newest update when the stream opened, if still within retention: written first.
-    first: Option<Bytes>,
+    /// Written first, right after the response head: the newest update when the stream
+    /// opened, if still within retention, or else a keep-alive comment. Firefox fires
+    /// EventSource's `open` only once body bytes arrive, which would otherwise be the first
+    /// keep-alive, `keepalive_interval` on; every SDK already reads that comment, every 15 s.
+    /// It is a write like any other: the next keep-alive comes `keepalive_interval` after it,
+    /// when it came that long after the head before (idle timers of proxies count from the
+    /// last bytes too).
+    first: Option<(Message, Bytes)>,
     /// Changes after the stream opened.
     updates: WatchStream<Option<Event>>,
     last_sent: Option<UpdatedAt>,
@@ -280,7 +287,10 @@ impl SseBody {
         let mut body = Self {
             key,
             last_sent: first.as_ref().map(|event| event.updated_at),
-            first: first.map(|event| event.frame),
+            first: Some(first.map_or(
+                (Message::Keepalive, Bytes::from_static(KEEPALIVE_FRAME)),
+                |event| (Message::Data, event.frame),
+            )),
             updates: WatchStream::from_changes(updates),
             sequence,
             timer: Box::pin(tokio::time::sleep_until(now)),
@@ -353,8 +363,8 @@ impl http_body::Body for SseBody {
         if let Phase::Ending(_) = this.phase {
             return Poll::Ready(None);
         }
-        if let Some(first) = this.first.take() {
-            return this.write(Message::Data, first);
+        if let Some((message, frame)) = this.first.take() {
+            return this.write(message, frame);
         }
         loop {
             match Pin::new(&mut this.updates).poll_next(cx) {
