@@ -238,7 +238,7 @@ pub struct SseBody {
     /// It is a write like any other: the next keep-alive comes `keepalive_interval` after it,
     /// when it came that long after the head before (idle timers of proxies count from the
     /// last bytes too).
-    first: Option<(Message, Bytes)>,
+    first: Option<Bytes>,
     /// Changes after the stream opened.
     updates: WatchStream<Option<Event>>,
     last_sent: Option<UpdatedAt>,
@@ -287,10 +287,7 @@ impl SseBody {
         let mut body = Self {
             key,
             last_sent: first.as_ref().map(|event| event.updated_at),
-            first: Some(first.map_or(
-                (Message::Keepalive, Bytes::from_static(KEEPALIVE_FRAME)),
-                |event| (Message::Data, event.frame),
-            )),
+            first: Some(first.map_or(Bytes::from_static(KEEPALIVE_FRAME), |event| event.frame)),
             updates: WatchStream::from_changes(updates),
             sequence,
             timer: Box::pin(tokio::time::sleep_until(now)),
@@ -363,8 +360,15 @@ impl http_body::Body for SseBody {
         if let Phase::Ending(_) = this.phase {
             return Poll::Ready(None);
         }
-        if let Some((message, frame)) = this.first.take() {
-            return this.write(message, frame);
+        if let Some(first) = this.first.take() {
+            // Nothing was taken from the watch yet: `last_sent` is the first frame's update,
+            // if it is an event. (Keeping the message beside `first` would cost each stream
+            // 8 bytes.)
+            let message = match this.last_sent {
+                Some(_) => Message::Data,
+                None => Message::Keepalive,
+            };
+            return this.write(message, first);
         }
         loop {
             match Pin::new(&mut this.updates).poll_next(cx) {
