@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::http::{Connection, Protocol, TestCertificate};
 use common::redis::{RedisServer, redis_config};
 use common::{
-    NatsServer, Scrape, Service, TOKEN, body_at, event, nats_config, scrape_until, seconds,
-    test_config,
+    NatsServer, OPENING, Scrape, Service, TOKEN, body_at, event, nats_config, scrape_until,
+    seconds, test_config,
 };
 use flagsmith_sse::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -163,6 +163,8 @@ async fn subscribing_publishing_and_leaving_move_the_counters() {
     assert_eq!(subscribed.value("flagsmith_sse_subscribers"), 2.0);
     assert_eq!(subscribed.value("flagsmith_sse_subscribers_total"), 2.0);
     assert_eq!(subscribed.value("flagsmith_sse_environments"), 1.0);
+    // Each stream opened with a keep-alive comment: nothing is known of `env` yet.
+    assert_eq!(subscribed.value(&writes("keepalive")), 2.0);
 
     assert_eq!(service.publish("env", &body_at(10.5)).await.0, 200);
     assert_eq!(first.next_event().await, event("10.5"));
@@ -260,16 +262,21 @@ async fn streams_end_by_age_and_are_rejected_over_the_cap() {
     assert_eq!(rejected.status, 503);
     assert!(rejected.header("retry-after").is_some());
 
-    // Keep-alives until the stream reaches its age and ends cleanly.
+    // The opening comment, then keep-alives until the stream reaches its age and ends cleanly
+    // after its `retry:`.
+    assert_eq!(stream.next_data().await, OPENING);
     let mut keepalives = 0;
+    let mut rest = Vec::new();
     while let Some(common::Chunk::Data(data)) =
         stream.next_chunk_within(Duration::from_secs(5)).await
     {
-        if data == b": ping\n\n" {
-            keepalives += 1;
+        match &data[..] {
+            b": ping\n\n" => keepalives += 1,
+            _ => rest.push(data),
         }
     }
     assert!(keepalives >= 1);
+    assert_eq!(rest, [b"retry: 1000\n\n"]);
     let ended = scrape_until(service.addr, "the stream closed", |scrape| {
         scrape.value("flagsmith_sse_subscribers") == 0.0
     })
@@ -278,7 +285,8 @@ async fn streams_end_by_age_and_are_rejected_over_the_cap() {
     assert_eq!(ended.value(&closed("rejected")), 1.0);
     assert_eq!(ended.value(&closed("client_gone")), 0.0);
     assert_eq!(ended.value("flagsmith_sse_subscribers_total"), 1.0);
-    assert_eq!(ended.value(&writes("keepalive")), f64::from(keepalives));
+    // The opening comment counts as a keep-alive: the same bytes.
+    assert_eq!(ended.value(&writes("keepalive")), f64::from(keepalives + 1));
     assert_eq!(ended.value(&errors("keepalive")), 0.0);
     service.stop().await;
 }
@@ -287,10 +295,11 @@ async fn streams_end_by_age_and_are_rejected_over_the_cap() {
 async fn a_subscriber_that_cannot_take_more_skips_to_the_newest_update() {
     let service = Service::start_ready(test_config()).await;
     let event_len = event("1.0").len();
-    // The client lets the service send exactly one event before it reads.
+    // The client lets the service send the opening comment and exactly one event before it
+    // reads.
     let tcp = TcpStream::connect(service.addr).await.unwrap();
     let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(u32::try_from(event_len).unwrap())
+        .initial_window_size(u32::try_from(OPENING.len() + event_len).unwrap())
         .handshake::<_, bytes::Bytes>(tcp)
         .await
         .unwrap();
@@ -304,6 +313,8 @@ async fn a_subscriber_that_cannot_take_more_skips_to_the_newest_update() {
     .unwrap();
     let (response, _) = client.send_request(request, true).unwrap();
     let mut body = response.await.unwrap().into_body();
+    let opening = body.data().await.unwrap().unwrap();
+    assert_eq!(opening, OPENING);
 
     assert_eq!(service.publish("env", &body_at(1.0)).await.0, 200);
     let first = body.data().await.unwrap().unwrap();
@@ -319,6 +330,7 @@ async fn a_subscriber_that_cannot_take_more_skips_to_the_newest_update() {
         assert_eq!(service.publish("env", &body_at(at)).await.0, 200);
     }
     let mut received = Vec::new();
+    // Each event read lets exactly one more out; the opening comment's credit stays spent.
     let mut released = first.len();
     while received.len() < 2 {
         body.flow_control().release_capacity(released).unwrap();
@@ -336,6 +348,8 @@ async fn a_subscriber_that_cannot_take_more_skips_to_the_newest_update() {
     assert_eq!(scrape.value("flagsmith_sse_events_coalesced_total"), 1.0);
     assert_eq!(scrape.value("flagsmith_sse_updates_total"), 4.0);
     assert_eq!(scrape.value(&writes("data")), 3.0);
+    // The opening comment.
+    assert_eq!(scrape.value(&writes("keepalive")), 1.0);
     // 1.0, 2.0 and 4.0 reached their only subscriber; 3.0 was overtaken.
     assert_eq!(
         scrape.value("flagsmith_sse_fanout_delay_seconds_count"),

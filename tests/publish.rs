@@ -2,13 +2,21 @@
 
 mod common;
 
-use common::{Service, SseClient, TOKEN, body_at, event, publish, seconds, test_config};
+use common::{OPENING, Service, SseClient, TOKEN, body_at, event, publish, seconds, test_config};
 
 /// A subscriber with 300 ms keep-alives, so "no event" is observable as "a ping came first".
 async fn quiet_service() -> Service {
     let mut config = test_config();
     config.keepalive_interval = seconds(0.3);
     Service::start_ready(config).await
+}
+
+/// Subscribes to `key`, of which nothing is known yet, and reads the comment that opens its
+/// stream: what comes next is an event, or a keep-alive if there is none.
+async fn subscribe_opened(service: &Service, key: &str) -> SseClient {
+    let mut client = service.subscribe(key).await;
+    assert_eq!(client.next_data().await, OPENING, "the opening comment");
+    client
 }
 
 async fn assert_only_pings(client: &mut SseClient) {
@@ -22,7 +30,7 @@ async fn assert_only_pings(client: &mut SseClient) {
 #[tokio::test]
 async fn missing_or_wrong_token_is_401_and_publishes_nothing() {
     let service = quiet_service().await;
-    let mut client = service.subscribe("env").await;
+    let mut client = subscribe_opened(&service, "env").await;
     let body = body_at(10.0);
     for token in [
         None,
@@ -72,7 +80,7 @@ async fn publish_from(service: &Service, source: &str, token: &str) -> (u16, Opt
 #[tokio::test]
 async fn a_peer_that_keeps_failing_authentication_is_throttled_alone() {
     let service = quiet_service().await;
-    let mut client = service.subscribe("env").await;
+    let mut client = subscribe_opened(&service, "env").await;
     for _ in 0..20 {
         assert_eq!(publish_from(&service, "127.0.0.2", "guess").await.0, 401);
     }
@@ -96,7 +104,7 @@ async fn a_peer_that_keeps_failing_authentication_is_throttled_alone() {
 #[tokio::test]
 async fn malformed_keys_and_bodies_are_400_with_a_detail() {
     let service = quiet_service().await;
-    let mut client = service.subscribe("env").await;
+    let mut client = subscribe_opened(&service, "env").await;
     for key in ["a.b", "a*", "a>", "a%20b", &"k".repeat(129)] {
         let (status, answer) = service.publish(key, &body_at(10.0)).await;
         assert_eq!(status, 400, "key {key:?}");
@@ -125,7 +133,7 @@ async fn malformed_keys_and_bodies_are_400_with_a_detail() {
 #[tokio::test]
 async fn iso_strings_and_numbers_are_accepted() {
     let service = Service::start_ready(test_config()).await;
-    let mut client = service.subscribe("env").await;
+    let mut client = subscribe_opened(&service, "env").await;
     for (updated_at, expected) in [
         // What Flagsmith's task processor sends today.
         (r#""2024-12-26T17:27:07.123456+00:00""#, "1735234027.123456"),
@@ -150,7 +158,7 @@ async fn iso_strings_and_numbers_are_accepted() {
 #[tokio::test]
 async fn the_same_update_twice_is_one_event_and_older_ones_change_nothing() {
     let service = quiet_service().await;
-    let mut client = service.subscribe("env").await;
+    let mut client = subscribe_opened(&service, "env").await;
     let iso = r#"{"updated_at": "2024-12-26T17:27:07.123456+00:00"}"#;
     for _ in 0..3 {
         assert_eq!(service.publish("env", iso).await.0, 200);
@@ -192,7 +200,7 @@ async fn oversized_bodies_and_wrong_methods_are_refused() {
 #[tokio::test]
 async fn publish_then_subscribe_on_another_key_is_isolated() {
     let service = quiet_service().await;
-    let mut other = service.subscribe("other").await;
+    let mut other = subscribe_opened(&service, "other").await;
     service.publish("env", &body_at(42.0)).await;
     assert_only_pings(&mut other).await;
     let mut client = service.subscribe("env").await;

@@ -4,10 +4,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::http::{Connection, Protocol};
+use common::http::{Connection, Protocol, TestCertificate, tls_connect};
+use flagsmith_sse::Config;
 
 use common::{
-    Chunk, Service, SseClient, body_at, event, request_head, seconds, test_config, text,
+    Chunk, OPENING, Service, SseClient, body_at, event, request_head, seconds, test_config, text,
     updated_at_of,
 };
 
@@ -83,6 +84,8 @@ async fn hyper_and_the_http1_fast_path_send_the_same_stream_head() {
 async fn each_update_is_one_chunk_with_the_exact_event() {
     let service = Service::start_ready(test_config()).await;
     let mut client = service.subscribe("env").await;
+    // Nothing is known yet: the comment that opens the stream, then each update.
+    assert_eq!(client.next_data().await, OPENING);
     let (status, _) = service
         .publish(
             "env",
@@ -115,11 +118,58 @@ async fn unknown_environment_gets_200_and_only_keepalives() {
     let service = Service::start_ready(config).await;
     let mut client = service.subscribe("nobody-publishes-here").await;
     assert_eq!(client.status, 200);
+    assert_eq!(client.next_data().await, OPENING);
+    // Then a keep-alive each interval, and nothing else.
     let started = Instant::now();
     for _ in 0..3 {
         assert_eq!(client.next_data().await, b": ping\n\n");
     }
     assert!(started.elapsed() >= Duration::from_millis(550));
+}
+
+/// Firefox fires EventSource's `open` only once body bytes arrive: with nothing known, they
+/// would be the first keep-alive, 15 s on. Within a second, over every protocol a browser or
+/// SDK speaks, the stream writes the opening comment.
+#[tokio::test]
+async fn a_stream_with_nothing_known_sends_body_bytes_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificate = TestCertificate::generate(dir.path(), "server");
+    let tls = Service::start(Config {
+        tls: Some(certificate.files.clone()),
+        ..test_config()
+    })
+    .await;
+    let plain = Service::start_ready(test_config()).await;
+    let tls_addr = tls.addr;
+    let over_tls = |alpn: &'static str| {
+        let connector = certificate.connector(&[alpn]);
+        async move { Connection::tls(tls_connect(tls_addr, &connector).await).await }
+    };
+    let connections = [
+        (
+            Protocol::Http1,
+            Connection::plain(plain.addr, Protocol::Http1).await,
+        ),
+        (
+            Protocol::Http2,
+            Connection::plain(plain.addr, Protocol::Http2).await,
+        ),
+        (Protocol::Http2, over_tls("h2").await),
+        (Protocol::Http1, over_tls("http/1.1").await),
+    ];
+    for (index, (protocol, mut connection)) in connections.into_iter().enumerate() {
+        assert_eq!(connection.protocol(), protocol, "connection {index}");
+        let asked = Instant::now();
+        let mut stream = connection.subscribe("nobody-publishes-here").await;
+        assert_eq!(stream.next_data().await, OPENING, "connection {index}");
+        let took = asked.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "connection {index}: the first body bytes came after {took:?}"
+        );
+    }
+    plain.stop().await;
+    tls.stop().await;
 }
 
 #[tokio::test]
@@ -128,6 +178,7 @@ async fn keepalive_is_sent_only_after_a_quiet_interval() {
     config.keepalive_interval = seconds(1.2);
     let service = Service::start_ready(config).await;
     let mut client = service.subscribe("env").await;
+    assert_eq!(client.next_data().await, OPENING);
     // Events every 300 ms for longer than the interval keep the stream busy: no ping between.
     for step in 1..=6 {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -150,6 +201,7 @@ async fn streams_end_cleanly_after_max_stream_age_with_a_short_retry() {
     for _ in 0..6 {
         let started = Instant::now();
         let mut client = service.subscribe("env").await;
+        assert_eq!(client.next_data().await, OPENING);
         assert_eq!(client.next_data().await, b"retry: 1000\n\n");
         assert!(matches!(
             client.next_chunk_within(Duration::from_secs(5)).await,
@@ -175,6 +227,7 @@ async fn zero_max_stream_age_keeps_streams_open() {
     config.keepalive_interval = seconds(0.3);
     let service = Service::start_ready(config).await;
     let mut client = service.subscribe("env").await;
+    assert_eq!(client.next_data().await, OPENING);
     // Well past the default lifetime of the other tests: only keep-alives, never an end.
     for _ in 0..5 {
         assert_eq!(client.next_data().await, b": ping\n\n");
@@ -250,15 +303,17 @@ async fn a_slow_reader_skips_to_the_newest_update() {
     let service = Service::start_ready(test_config()).await;
     let mut slow = service.subscribe("env").await;
     let mut fast = service.subscribe("env").await;
+    assert_eq!(fast.next_data().await, OPENING);
     for step in 1..=50 {
         service.publish("env", &body_at(f64::from(step))).await;
         assert_eq!(fast.next_data().await, event(&format!("{step}.0")));
     }
-    // The slow reader read nothing meanwhile: it may get any of the updates, but only ever
-    // newer ones, and it must reach the newest.
+    // The slow reader read nothing meanwhile: after the opening comment it may get any of
+    // the updates, but only ever newer ones, and it must reach the newest.
+    assert_eq!(slow.next_data().await, OPENING);
     let mut seen = Vec::new();
     loop {
-        let updated_at = updated_at_of(&slow.next_event().await);
+        let updated_at = updated_at_of(&slow.next_data().await);
         seen.push(updated_at);
         if updated_at == 50.0 {
             break;
@@ -273,6 +328,7 @@ async fn a_reader_that_never_reads_does_not_delay_others() {
     // Never read: its socket buffers fill with the events of 2000 updates.
     let _stuck = service.subscribe("env").await;
     let mut reader = service.subscribe("env").await;
+    assert_eq!(reader.next_data().await, OPENING);
     for step in 1..=2000 {
         service.publish("env", &body_at(f64::from(step))).await;
         assert_eq!(reader.next_data().await, event(&format!("{step}.0")));
@@ -336,6 +392,8 @@ async fn updates_older_than_the_retention_window_are_not_replayed() {
     assert_eq!(fresh.next_data().await, event("1.5"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut late = service.subscribe("env").await;
+    // Not replayed: the stream opens as for an unknown environment.
+    assert_eq!(late.next_data().await, OPENING);
     assert_eq!(late.next_data().await, b": ping\n\n");
 }
 
@@ -426,7 +484,7 @@ async fn connection_close_closes_the_connection_after_the_stream() {
     assert_eq!(client.header("connection"), Some("close"));
     assert_eq!(
         read_to_end(&mut client).await,
-        [b"retry: 1000\n\n".to_vec()]
+        [OPENING.to_vec(), b"retry: 1000\n\n".to_vec()]
     );
     assert!(
         client.is_closed().await,

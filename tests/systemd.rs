@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::http::{Connection, TestCertificate, connector, negotiated, tls_connect};
-use common::{Chunk, NatsServer, SseClient, body_at, event, publish};
+use common::{Chunk, NatsServer, OPENING, SseClient, body_at, event, publish};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixDatagram;
 
@@ -259,7 +259,9 @@ async fn drain_spreads_stream_ends_over_the_drain_period() {
     let addr = daemon.listen_addr();
     let mut streams = Vec::new();
     for _ in 0..20 {
-        streams.push(SseClient::connect(addr, "/sse/environments/env/stream", &[]).await);
+        let mut stream = SseClient::connect(addr, "/sse/environments/env/stream", &[]).await;
+        assert_eq!(stream.next_data().await, OPENING);
+        streams.push(stream);
     }
     let started = Instant::now();
     daemon.signal("TERM");

@@ -140,6 +140,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_may_open_with_a_comment_alone() {
+        // What the service writes first when no update is known.
+        let mut reader = SseReader::default();
+        let mut blocks = Vec::new();
+        reader.push(b": ping\n\n", |block| blocks.push(block));
+        assert_eq!(blocks, [Block::Control]);
+        let event = b"event: environment_updated\ndata: {\"updated_at\": 1.5}\nretry: 15000\n\n";
+        reader.push(event, |block| blocks.push(block));
+        assert_eq!(blocks, [Block::Control, Block::Update(1.5)]);
+    }
+
+    #[test]
     fn events_are_split_across_and_within_chunks() {
         let mut reader = SseReader::default();
         let mut blocks = Vec::new();

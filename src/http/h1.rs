@@ -249,7 +249,8 @@ where
     // One slot for the head and one for the data, in place across every write: each local
     // held across an await widens this future, which an idle subscriber carries.
     let mut head = Some(response_head(close));
-    // The first event, when one is known, leaves with the head.
+    // The first frame (the newest update, or the opening comment when none is known) leaves
+    // with the head.
     let mut data = match poll_fn(|cx| Poll::Ready(poll_data(sse, cx))).await {
         Poll::Ready(data) => data,
         Poll::Pending => {

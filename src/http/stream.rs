@@ -1,6 +1,7 @@
 //! `GET /sse/environments/{key}/stream`: the Server-Sent Events stream.
 //!
-//! Each stream writes the newest known update first, then one event per newer update, a
+//! Each stream writes the newest known update first (or, with none known, a `: ping` comment,
+//! so that every browser's EventSource opens at once), then one event per newer update, a
 //! `: ping` comment after `keepalive_interval` without a write, and ends cleanly after its
 //! lifetime (`max_stream_age` minus jitter) or during the drain after SIGTERM, each preceded by
 //! a short `retry:` so browsers come back quickly.
@@ -230,7 +231,13 @@ enum Message {
 /// own: a subscriber that reads slowly is simply polled less often and sees the newest event.
 pub struct SseBody {
     key: EnvironmentKey,
-    /// The newest update when the stream opened, if still within retention: written first.
+    /// Written first, right after the response head: the newest update when the stream
+    /// opened, if still within retention, or else a keep-alive comment. Firefox fires
+    /// EventSource's `open` only once body bytes arrive, which would otherwise be the first
+    /// keep-alive, `keepalive_interval` on; every SDK already reads that comment, every 15 s.
+    /// It is a write like any other: the next keep-alive comes `keepalive_interval` after it,
+    /// when it came that long after the head before (idle timers of proxies count from the
+    /// last bytes too).
     first: Option<Bytes>,
     /// Changes after the stream opened.
     updates: WatchStream<Option<Event>>,
@@ -280,7 +287,7 @@ impl SseBody {
         let mut body = Self {
             key,
             last_sent: first.as_ref().map(|event| event.updated_at),
-            first: first.map(|event| event.frame),
+            first: Some(first.map_or(Bytes::from_static(KEEPALIVE_FRAME), |event| event.frame)),
             updates: WatchStream::from_changes(updates),
             sequence,
             timer: Box::pin(tokio::time::sleep_until(now)),
@@ -354,7 +361,14 @@ impl http_body::Body for SseBody {
             return Poll::Ready(None);
         }
         if let Some(first) = this.first.take() {
-            return this.write(Message::Data, first);
+            // Nothing was taken from the watch yet: `last_sent` is the first frame's update,
+            // if it is an event. (Keeping the message beside `first` would cost each stream
+            // 8 bytes.)
+            let message = match this.last_sent {
+                Some(_) => Message::Data,
+                None => Message::Keepalive,
+            };
+            return this.write(message, first);
         }
         loop {
             match Pin::new(&mut this.updates).poll_next(cx) {

@@ -278,6 +278,20 @@ pub struct EventStream {
 }
 
 impl EventStream {
+    /// The next data frame, comments included, within 10 s.
+    pub async fn next_data(&mut self) -> Vec<u8> {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.body.frame())
+                .await
+                .expect("a data frame within 10 s")
+                .expect("the stream is still open")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                return data.to_vec();
+            }
+        }
+    }
+
     /// The next data frame that is not a keep-alive comment, within 10 s.
     pub async fn next_event(&mut self) -> Vec<u8> {
         loop {

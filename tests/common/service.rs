@@ -151,6 +151,10 @@ pub fn body_at(seconds: f64) -> String {
     format!("{{\"updated_at\": {seconds:?}}}")
 }
 
+/// What a stream writes first, right after its head, when no update is known: the keep-alive
+/// comment, so that every browser's EventSource opens at once.
+pub const OPENING: &[u8] = b": ping\n\n";
+
 /// The exact event the service writes for `updated_at` (as the service prints it).
 pub fn event(updated_at: &str) -> Vec<u8> {
     format!("event: environment_updated\ndata: {{\"updated_at\": {updated_at}}}\nretry: 15000\n\n")

@@ -2,7 +2,9 @@
 `queue-change` POST, end to end through this service.
 
 A fake Flagsmith API serves the environment document; the SDK evaluates flags locally and
-streams from the service. The POST is shaped as Flagsmith's task processor sends it.
+streams from the service. The POST is shaped as Flagsmith's task processor sends it. Nothing is
+published before the SDK's stream is open, so that stream starts with the keep-alive comment
+the service writes when no update is known, and the SDK must read past it.
 
 Prints one JSON line on stdout (`{"ok": true, "seconds": ...}`) and exits 0 on success, 1 on
 failure. Diagnostics go to stderr.
@@ -131,6 +133,34 @@ def queue_change(url, token, updated_at):
             raise RuntimeError(f"queue-change answered {response.status}")
 
 
+def metric_samples(sse_url):
+    """The samples of the service's `/metricsz`, by series."""
+    with urllib.request.urlopen(urljoin(sse_url, "metricsz"), timeout=2) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            samples[series] = float(value)
+    return samples
+
+
+def wait_for_opened_stream(sse_url, timeout):
+    """Whether, within `timeout`, the SDK's stream opened with the comment alone: one
+    subscriber, a keep-alive comment written and no event."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        samples = metric_samples(sse_url)
+        if (
+            samples.get("flagsmith_sse_subscribers") == 1
+            and samples.get('flagsmith_sse_http_writes_total{message="keepalive"}', 0) >= 1
+            and samples.get('flagsmith_sse_http_writes_total{message="data"}') == 0
+        ):
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def flag_enabled(client):
     return client.get_environment_flags().is_feature_enabled(FEATURE)
 
@@ -180,6 +210,8 @@ def check(sse_url, token):
         )
         if flag_enabled(client):
             return {"ok": False, "error": f"{FEATURE} enabled in version 1"}
+        if not wait_for_opened_stream(sse_url, 10):
+            return {"ok": False, "error": "the SDK's stream did not open with a comment alone"}
 
         # Re-announcing version 1 proves the stream is connected and delivering; its
         # timestamp equals the document's, which the SDK must not treat as newer.
