@@ -54,15 +54,15 @@ pub enum Outcome {
 
 /// A request this module serves.
 #[derive(Debug, PartialEq, Eq)]
-struct StreamRequest {
-    key: EnvironmentKey,
+pub(crate) struct StreamRequest {
+    pub(crate) key: EnvironmentKey,
     /// The client sent `Connection: close`.
-    close: bool,
+    pub(crate) close: bool,
 }
 
 /// What the bytes read so far are.
 #[derive(Debug, PartialEq, Eq)]
-enum Parsed {
+pub(crate) enum Parsed {
     Stream(StreamRequest),
     /// A request hyper serves; it may be incomplete.
     Other,
@@ -103,7 +103,7 @@ where
 }
 
 /// Reads until `head` holds a request head this module serves, or one it does not.
-async fn read_request<I>(
+pub(crate) async fn read_request<I>(
     io: &mut I,
     head: &mut Vec<u8>,
     draining: &CancellationToken,
@@ -142,7 +142,7 @@ where
     }
 }
 
-fn parse(bytes: &[u8]) -> Parsed {
+pub(crate) fn parse(bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let status = request.parse(bytes);

@@ -9,7 +9,7 @@
 //! Before warp, an HTTP/1.1 request without exactly one `Host` gets its 400 (RFC 9112 §3.2),
 //! which neither hyper nor warp checks; `h1` hands such requests here.
 
-mod h1;
+pub(crate) mod h1;
 mod h2;
 pub mod health;
 pub mod metricsz;

@@ -235,6 +235,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl<IO> TlsStream<IO> {
+    /// The bytes allocated for the incoming TLS, the decrypted and the outgoing TLS buffers:
+    /// what a connection costs beyond rustls's state, which the fuzz targets hold to a bound.
+    pub(crate) fn buffer_capacities(&self) -> [usize; 3] {
+        [
+            self.incoming.capacity(),
+            self.plaintext.capacity(),
+            self.outgoing.capacity(),
+        ]
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
