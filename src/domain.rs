@@ -113,9 +113,16 @@ impl UpdatedAt {
             })
             .map_err(|_| TimestampError::NotIso8601(text.to_owned()))?;
         let nanos = instant.unix_timestamp_nanos();
-        // Whole seconds and the fraction converted separately keep microseconds exact in f64.
-        let seconds =
-            nanos.div_euclid(1_000_000_000) as f64 + nanos.rem_euclid(1_000_000_000) as f64 / 1e9;
+        if nanos < 0 {
+            return Err(TimestampError::OutOfRange(text.to_owned()));
+        }
+        // Read as the decimal it is, correctly rounded, as the same instant sent as a number
+        // is read. Whole seconds and the fraction added as two f64s round twice: found by
+        // `fuzz/`'s `queue_change_body`, `…T00:00:01.9525` read 1.9525000000000001 where the
+        // number 1.9525 reads 1.9525, and SDKs were sent the one or the other.
+        let seconds: f64 = format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+            .parse()
+            .map_err(|_| TimestampError::NotIso8601(text.to_owned()))?;
         Self::from_unix_seconds(seconds).map_err(|_| TimestampError::OutOfRange(text.to_owned()))
     }
 
@@ -264,6 +271,25 @@ mod tests {
     }
 
     #[test]
+    fn an_instant_reads_the_same_as_iso_8601_and_as_a_number() {
+        for (iso, number) in [
+            ("1970-01-01T00:00:01.9525Z", "1.9525"),
+            ("1970-01-01T01:00:01.9525+01:00", "1.9525"),
+            ("2024-12-26T17:27:07.123456+00:00", "1735234027.123456"),
+            ("2023-01-12T18:06:42", "1673546802"),
+        ] {
+            let from_iso = UpdatedAt::from_body(format!(r#"{{"updated_at": "{iso}"}}"#).as_bytes());
+            let from_number =
+                UpdatedAt::from_body(format!(r#"{{"updated_at": {number}}}"#).as_bytes());
+            assert_eq!(
+                from_iso.unwrap().to_string(),
+                from_number.unwrap().to_string(),
+                "{iso}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_what_is_not_a_timestamp() {
         for body in [
             &br#"{"updated_at": "yesterday"}"#[..],
@@ -378,7 +404,7 @@ mod properties {
                 .to_offset(offset)
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap();
-            let expected = seconds as f64 + f64::from(micros) / 1e6;
+            let expected: f64 = format!("{seconds}.{micros:06}").parse().unwrap();
             match UpdatedAt::parse_iso8601(&text) {
                 Ok(parsed) => prop_assert_eq!(parsed.as_secs_f64(), expected, "{}", text),
                 // Shifted past year 9999 or before 1970 by the offset: out of range, not wrong.
