@@ -99,7 +99,9 @@ pub enum TimestampError {
 impl UpdatedAt {
     pub fn from_unix_seconds(seconds: f64) -> Result<Self, TimestampError> {
         if seconds.is_finite() && (0.0..=MAX_UNIX_SECONDS).contains(&seconds) {
-            Ok(Self(seconds))
+            // -0.0 is in the range too, and would print as `-0.0` (found by `fuzz/`'s
+            // `queue_change_body`): the epoch is 0.0.
+            Ok(Self(seconds.abs()))
         } else {
             Err(TimestampError::OutOfRange(seconds.to_string()))
         }
@@ -252,6 +254,9 @@ mod tests {
             UpdatedAt::from_unix_seconds(0.0).unwrap().to_string(),
             "0.0"
         );
+        // Not `-0.0`: a number without a minus sign, as every other.
+        let negative_zero = UpdatedAt::from_body(br#"{"updated_at": -0}"#).unwrap();
+        assert_eq!(negative_zero.to_string(), "0.0");
     }
 
     #[test]
