@@ -448,6 +448,8 @@ mod tests {
             b"GET /sse/environments/a/b/stream HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET http://host HTTP/1.1\r\nHost: host\r\n\r\n",
             b"GET ftp://host/sse/environments/abc/stream HTTP/1.1\r\nHost: host\r\n\r\n",
+            b"GET http://host?x//sse/environments/abc/stream HTTP/1.1\r\nHost: host\r\n\r\n",
+            b"GET https://host#x/sse/environments/abc/stream HTTP/1.1\r\nHost: host\r\n\r\n",
             b"GET /sse/environments/abc/stream HTTP/1.0\r\nHost: x\r\n\r\n",
             b"GET /sse/environments/a%3Eb/stream HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
