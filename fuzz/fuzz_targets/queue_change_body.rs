@@ -89,10 +89,15 @@ enum Form {
 }
 
 fn check_forms_agree(instant: Instant) {
-    let seconds = instant.seconds % (MAX_UNIX_SECONDS as u64 + 1);
+    const MAX: u64 = MAX_UNIX_SECONDS as u64;
+    let seconds = instant.seconds % (MAX + 1);
     let digits = u32::from(instant.digits % 10);
     let scale = 10_u32.pow(9 - digits);
-    let fraction = instant.nanos % 1_000_000_000 / scale;
+    // The range ends at 9999-12-31T23:59:59 exactly.
+    let fraction = match seconds {
+        MAX => 0,
+        _ => instant.nanos % 1_000_000_000 / scale,
+    };
     let decimal = match digits {
         0 => seconds.to_string(),
         _ => format!("{seconds}.{fraction:0width$}", width = digits as usize),
