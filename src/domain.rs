@@ -99,7 +99,9 @@ pub enum TimestampError {
 impl UpdatedAt {
     pub fn from_unix_seconds(seconds: f64) -> Result<Self, TimestampError> {
         if seconds.is_finite() && (0.0..=MAX_UNIX_SECONDS).contains(&seconds) {
-            Ok(Self(seconds))
+            // -0.0 is in the range too, and would print as `-0.0` (found by `fuzz/`'s
+            // `queue_change_body`): the epoch is 0.0.
+            Ok(Self(seconds.abs()))
         } else {
             Err(TimestampError::OutOfRange(seconds.to_string()))
         }
@@ -113,9 +115,16 @@ impl UpdatedAt {
             })
             .map_err(|_| TimestampError::NotIso8601(text.to_owned()))?;
         let nanos = instant.unix_timestamp_nanos();
-        // Whole seconds and the fraction converted separately keep microseconds exact in f64.
-        let seconds =
-            nanos.div_euclid(1_000_000_000) as f64 + nanos.rem_euclid(1_000_000_000) as f64 / 1e9;
+        if nanos < 0 {
+            return Err(TimestampError::OutOfRange(text.to_owned()));
+        }
+        // Read as the decimal it is, correctly rounded, as the same instant sent as a number
+        // is read. Whole seconds and the fraction added as two f64s round twice: found by
+        // `fuzz/`'s `queue_change_body`, `…T00:00:01.9525` read 1.9525000000000001 where the
+        // number 1.9525 reads 1.9525, and SDKs were sent the one or the other.
+        let seconds: f64 = format!("{}.{:09}", nanos / 1_000_000_000, nanos % 1_000_000_000)
+            .parse()
+            .map_err(|_| TimestampError::NotIso8601(text.to_owned()))?;
         Self::from_unix_seconds(seconds).map_err(|_| TimestampError::OutOfRange(text.to_owned()))
     }
 
@@ -245,6 +254,9 @@ mod tests {
             UpdatedAt::from_unix_seconds(0.0).unwrap().to_string(),
             "0.0"
         );
+        // Not `-0.0`: a number without a minus sign, as every other.
+        let negative_zero = UpdatedAt::from_body(br#"{"updated_at": -0}"#).unwrap();
+        assert_eq!(negative_zero.to_string(), "0.0");
     }
 
     #[test]
@@ -260,6 +272,25 @@ mod tests {
         for (text, expected) in cases {
             let parsed = UpdatedAt::parse_iso8601(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(parsed.to_string(), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn an_instant_reads_the_same_as_iso_8601_and_as_a_number() {
+        for (iso, number) in [
+            ("1970-01-01T00:00:01.9525Z", "1.9525"),
+            ("1970-01-01T01:00:01.9525+01:00", "1.9525"),
+            ("2024-12-26T17:27:07.123456+00:00", "1735234027.123456"),
+            ("2023-01-12T18:06:42", "1673546802"),
+        ] {
+            let from_iso = UpdatedAt::from_body(format!(r#"{{"updated_at": "{iso}"}}"#).as_bytes());
+            let from_number =
+                UpdatedAt::from_body(format!(r#"{{"updated_at": {number}}}"#).as_bytes());
+            assert_eq!(
+                from_iso.unwrap().to_string(),
+                from_number.unwrap().to_string(),
+                "{iso}"
+            );
         }
     }
 
@@ -378,7 +409,7 @@ mod properties {
                 .to_offset(offset)
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap();
-            let expected = seconds as f64 + f64::from(micros) / 1e6;
+            let expected: f64 = format!("{seconds}.{micros:06}").parse().unwrap();
             match UpdatedAt::parse_iso8601(&text) {
                 Ok(parsed) => prop_assert_eq!(parsed.as_secs_f64(), expected, "{}", text),
                 // Shifted past year 9999 or before 1970 by the offset: out of range, not wrong.

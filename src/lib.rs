@@ -17,6 +17,7 @@
 //! - [`shutdown`]: signals, mapped to shutdown and reload.
 //! - [`metrics`]: the Prometheus metrics served at `/metricsz`.
 //! - [`logging`]: the slog logger.
+//! - `fuzzing` (feature `fuzzing` only): entry points for the fuzz targets in `fuzz/`.
 //!
 //! [`run`] ties them together; `main.rs` only parses the command line and binds.
 //!
@@ -28,6 +29,9 @@ pub mod backend;
 pub mod config;
 pub mod domain;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod logging;

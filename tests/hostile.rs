@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Service, body_at, event, test_config};
+use common::{Service, SseClient, body_at, event, test_config, text};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -154,6 +154,92 @@ async fn malformed_requests_get_client_errors_and_harm_no_one() {
     assert_eq!(service.readyz().await, 200);
     assert_eq!(service.publish("env", &body_at(3.5)).await.0, 200);
     assert_eq!(bystander.next_event().await, event("3.5"));
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
+}
+
+/// What a client without exactly one `Host` gets: the body of the service's 400.
+const HOST_REQUIRED: &str =
+    r#"{"detail":"Bad Request: an HTTP/1.1 request needs exactly one Host header"}"#;
+
+/// Sends `request` to `addr` and checks that it gets the 400 of RFC 9112 §3.2, as JSON, and
+/// that the connection closes after it.
+async fn assert_host_required(addr: std::net::SocketAddr, request: &str) {
+    let mut client = SseClient::raw(addr, request.as_bytes()).await;
+    assert_eq!(client.status, 400, "{request:?}");
+    assert_eq!(
+        client.header("content-type"),
+        Some("application/json"),
+        "{request:?}"
+    );
+    assert_eq!(client.header("connection"), Some("close"), "{request:?}");
+    assert_eq!(
+        client.header("access-control-allow-origin"),
+        Some("*"),
+        "{request:?}"
+    );
+    assert_eq!(
+        text(&client.read_body().await),
+        HOST_REQUIRED,
+        "{request:?}"
+    );
+    assert!(
+        client.is_closed().await,
+        "{request:?} left the connection open"
+    );
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without a `Host`, or with two, gets 400, on the stream
+/// route the service reads itself and on the routes hyper reads, on both listeners. With one
+/// `Host`, or over HTTP/1.0, the same requests are served.
+#[tokio::test]
+async fn http11_requests_without_exactly_one_host_get_400_and_are_closed() {
+    count_panics();
+    let service = Service::start_with_publish_listener(test_config()).await;
+    service.wait_ready(true).await;
+    let public = service.addr;
+    let internal = service.publish_addr.unwrap();
+    let publish = |hosts: &str| {
+        format!(
+            "POST /sse/environments/env/queue-change HTTP/1.1\r\n{hosts}Authorization: Token {}\r\nContent-Type: application/json\r\nContent-Length: 19\r\n\r\n{{\"updated_at\": 2.5}}",
+            common::TOKEN
+        )
+    };
+    let stream = |hosts: &str| format!("GET /sse/environments/env/stream HTTP/1.1\r\n{hosts}\r\n");
+    let livez = |hosts: &str| format!("GET /livez HTTP/1.1\r\n{hosts}\r\n");
+    for hosts in ["", "Host: x\r\nHost: x\r\n", "Host: x\r\nhost: y\r\n"] {
+        assert_host_required(public, &stream(hosts)).await;
+        assert_host_required(public, &livez(hosts)).await;
+        assert_host_required(internal, &livez(hosts)).await;
+        assert_host_required(internal, &publish(hosts)).await;
+    }
+    // An absolute target names the host too, but RFC 9112 still asks for the header.
+    assert_host_required(
+        public,
+        "GET http://x/sse/environments/env/stream HTTP/1.1\r\n\r\n",
+    )
+    .await;
+
+    // With one Host, the same requests are served, and the update reaches the stream.
+    let mut subscriber = SseClient::raw(public, stream("Host: x\r\n").as_bytes()).await;
+    assert_eq!(subscriber.status, 200);
+    assert_eq!(
+        SseClient::raw(public, livez("Host: x\r\n").as_bytes())
+            .await
+            .status,
+        200
+    );
+    let mut stored = SseClient::raw(internal, publish("Host: x\r\n").as_bytes()).await;
+    let answer = text(&stored.read_body().await);
+    assert_eq!(stored.status, 200, "{answer}");
+    assert_eq!(subscriber.next_event().await, event("2.5"));
+    // HTTP/1.0 may leave Host out.
+    for request in [
+        &b"GET /livez HTTP/1.0\r\n\r\n"[..],
+        b"GET /sse/environments/env/stream HTTP/1.0\r\n\r\n",
+    ] {
+        let status = SseClient::raw(public, request).await.status;
+        assert_eq!(status, 200, "{}", text(request));
+    }
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
 }
 

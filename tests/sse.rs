@@ -379,6 +379,16 @@ async fn invalid_keys_and_unknown_paths_get_json_errors() {
         text(&missing.read_body().await),
         r#"{"detail":"Not found."}"#
     );
+
+    // An absolute target whose authority ends at a `?`: its path is empty, whatever the query
+    // holds, so not a stream's.
+    let mut query = SseClient::raw(
+        service.addr,
+        b"GET http://x?y//sse/environments/env/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(query.status, 404);
+    assert_eq!(text(&query.read_body().await), r#"{"detail":"Not found."}"#);
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //!
 //! Everything else leaves with the bytes read so far: HTTP/2 to `h2`, and to hyper other routes
 //! and methods, HTTP/1.0, request bodies, pipelined requests, heads beyond [`MAX_HEAD`], invalid
-//! keys and streams beyond the cap (whose error responses warp writes). Those requests are rare
+//! keys, requests without exactly one `Host` and streams beyond the cap (whose error responses
+//! warp writes). Those requests are rare
 //! or cheap and hyper's handling of them stays the reference.
 
 use std::future::poll_fn;
@@ -53,15 +54,15 @@ pub enum Outcome {
 
 /// A request this module serves.
 #[derive(Debug, PartialEq, Eq)]
-struct StreamRequest {
-    key: EnvironmentKey,
+pub(crate) struct StreamRequest {
+    pub(crate) key: EnvironmentKey,
     /// The client sent `Connection: close`.
-    close: bool,
+    pub(crate) close: bool,
 }
 
 /// What the bytes read so far are.
 #[derive(Debug, PartialEq, Eq)]
-enum Parsed {
+pub(crate) enum Parsed {
     Stream(StreamRequest),
     /// A request hyper serves; it may be incomplete.
     Other,
@@ -106,7 +107,7 @@ where
 }
 
 /// Reads until `head` holds a request head this module serves, or one it does not.
-async fn read_request<I>(
+pub(crate) async fn read_request<I>(
     io: &mut I,
     head: &mut Vec<u8>,
     draining: &CancellationToken,
@@ -146,7 +147,7 @@ where
     }
 }
 
-fn parse(bytes: &[u8]) -> Parsed {
+pub(crate) fn parse(bytes: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let status = request.parse(bytes);
@@ -174,9 +175,12 @@ fn parse(bytes: &[u8]) -> Parsed {
         return Parsed::Other;
     }
     let mut close = false;
+    let mut hosts = 0;
     for header in request.headers.iter() {
         let name = header.name;
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("content-length") {
             if header.value != b"0" {
                 return Parsed::Other;
             }
@@ -191,6 +195,10 @@ fn parse(bytes: &[u8]) -> Parsed {
                 .split(|&byte| byte == b',')
                 .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
+    }
+    // RFC 9112 §3.2: answered 400, which `super::route` writes for hyper's requests too.
+    if hosts != 1 {
+        return Parsed::Other;
     }
     let key = segment
         .flatten()
@@ -417,23 +425,23 @@ mod tests {
                 stream("abc", false),
             ),
             (
-                b"GET //sse//environments/%61bc/stream?x=1 HTTP/1.1\r\n\r\n",
+                b"GET //sse//environments/%61bc/stream?x=1 HTTP/1.1\r\nHost: x\r\n\r\n",
                 stream("abc", false),
             ),
             (
-                b"GET /sse/environments/abc/stream HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n",
+                b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n\r\n",
                 stream("abc", true),
             ),
             (
-                b"GET HTTP://host:8088//sse/environments/abc/stream?x HTTP/1.1\r\n\r\n",
+                b"GET HTTP://host:8088//sse/environments/abc/stream?x HTTP/1.1\r\nHost: host:8088\r\n\r\n",
                 stream("abc", false),
             ),
             (
-                b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 0\r\nhOST: x\r\n\r\n",
                 stream("abc", false),
             ),
             (
-                b"GET /sse/environments/abc/stream/ HTTP/1.1\r\n\r\n",
+                b"GET /sse/environments/abc/stream/ HTTP/1.1\r\nHost:\r\n\r\n",
                 stream("abc", false),
             ),
         ] {
@@ -447,16 +455,35 @@ mod tests {
             &b"POST /sse/environments/abc/queue-change HTTP/1.1\r\n"[..],
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"GET /livez HTTP/1.1\r\n",
-            b"GET /sse/environments/a/b/stream HTTP/1.1\r\n\r\n",
-            b"GET http://host HTTP/1.1\r\n\r\n",
-            b"GET ftp://host/sse/environments/abc/stream HTTP/1.1\r\n\r\n",
-            b"GET /sse/environments/abc/stream HTTP/1.0\r\n\r\n",
-            b"GET /sse/environments/a%3Eb/stream HTTP/1.1\r\n\r\n",
-            b"GET /sse/environments/abc/stream HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
-            b"GET /sse/environments/abc/stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"GET /sse/environments/abc/stream HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
-            b"GET /sse/environments/abc/stream HTTP/1.1\r\n\r\nGET /livez HTTP/1.1\r\n\r\n",
-            b"GET /sse/environments/abc/stream HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /sse/environments/a/b/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET http://host HTTP/1.1\r\nHost: host\r\n\r\n",
+            b"GET ftp://host/sse/environments/abc/stream HTTP/1.1\r\nHost: host\r\n\r\n",
+            b"GET http://host?x//sse/environments/abc/stream HTTP/1.1\r\nHost: host\r\n\r\n",
+            b"GET https://host#x/sse/environments/abc/stream HTTP/1.1\r\nHost: host\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.0\r\nHost: x\r\n\r\n",
+            b"GET /sse/environments/a%3Eb/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\nGET /livez HTTP/1.1\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(request),
+                Parsed::Other,
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+
+    #[test]
+    fn http11_requests_without_exactly_one_host_go_to_hyper() {
+        for request in [
+            &b"GET /sse/environments/abc/stream HTTP/1.1\r\n\r\n"[..],
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\nhost: y\r\n\r\n",
+            b"GET http://x/sse/environments/abc/stream HTTP/1.1\r\n\r\n",
         ] {
             assert_eq!(
                 parse(request),
@@ -563,7 +590,7 @@ mod tests {
         ));
         assert_eq!(started.elapsed(), Duration::ZERO);
         let request = read_from(
-            b"GET /sse/environments/abc/stream HTTP/1.1\r\n\r\n",
+            b"GET /sse/environments/abc/stream HTTP/1.1\r\nHost: x\r\n\r\n",
             &draining,
         )
         .await;

@@ -5,9 +5,12 @@
 //! and [`service`] swaps it for the [`stream::SseBody`] that writes the events. The exception:
 //! plain HTTP/1.1 stream requests, which `h1` answers before hyper and warp see them, with the
 //! same subscription, body and response head.
+//!
+//! Before warp, an HTTP/1.1 request without exactly one `Host` gets its 400 (RFC 9112 §3.2),
+//! which neither hyper nor warp checks; `h1` hands such requests here.
 
-mod h1;
-mod h2;
+pub(crate) mod h1;
+pub(crate) mod h2;
 pub mod health;
 pub mod metricsz;
 pub mod publish;
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use tokio_util::sync::CancellationToken;
 use warp::{Filter, Rejection, Reply};
@@ -292,12 +295,40 @@ where
     B: http_body::Body + Send + Sync + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let refused = host_error(&request);
     collapse_slashes(request.uri_mut());
     let mut routes = warp::service(routes.clone());
     async move {
+        if let Some(response) = refused {
+            return response.map(Either::Left);
+        }
         let Ok(response) = tower_service::Service::call(&mut routes, request).await;
         stream::attach_body(response)
     }
+}
+
+/// The `detail` of the 400 for an HTTP/1.1 request without exactly one `Host`.
+const HOST_REQUIRED: &str = "Bad Request: an HTTP/1.1 request needs exactly one Host header";
+
+/// RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request that lacks a `Host` header or
+/// has more than one, and hyper leaves that check to the service. HTTP/1.0 may leave it out,
+/// and HTTP/2 names the host in `:authority`. The connection closes after the answer, as
+/// after hyper's own 400s: a client that gets this much wrong may have framed the rest wrong
+/// too.
+fn host_error<B>(request: &Request<B>) -> Option<warp::reply::Response> {
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if request.version() != Version::HTTP_11 || hosts == 1 {
+        return None;
+    }
+    let mut response = ApiError::BadRequest(HOST_REQUIRED.to_owned()).into_response();
+    let headers = response.headers_mut();
+    // What `routes` adds to every response it gives.
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(response)
 }
 
 /// A response as the routes give it: warp's body, or a stream's.

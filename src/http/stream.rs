@@ -131,12 +131,14 @@ pub fn route(
 /// warp's `path!` took it.
 pub(super) fn key_segment(target: &str) -> Option<&str> {
     // The absolute form, which a server must accept too (RFC 9112 §3.2.2): the path is what
-    // follows the authority.
+    // follows the authority, which ends at the first `/`, `?` or `#` (RFC 3986 §3.2).
+    // `http://sse?x//sse/environments/k/stream` has an empty path, as hyper reads it (found by
+    // `fuzz/`'s `h1_request`).
     let target = match target.split_once("://") {
         Some((scheme, rest))
             if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
         {
-            &rest[rest.find('/')?..]
+            &rest[rest.find(['/', '?', '#'])?..]
         }
         _ => target,
     };

@@ -40,6 +40,7 @@ where
         outgoing_sent: 0,
         peer_closed: false,
         close_notify_sent: false,
+        failed: false,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -60,6 +61,10 @@ pub struct TlsStream<IO> {
     /// The client sent close_notify: no more application bytes will come.
     peer_closed: bool,
     close_notify_sent: bool,
+    /// rustls reported an error: the connection is over. rustls must not be given it again,
+    /// to read, write or close: it would answer the same records with a second fatal alert,
+    /// which its debug builds assert against (found by `fuzz/`'s `tls_stream`).
+    failed: bool,
 }
 
 /// What one step of the TLS state machine did.
@@ -106,8 +111,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
 
     /// Runs the state machine over what was received until it needs the caller: decrypted
     /// bytes, bytes to send, or more input. With `write`, encrypts those application bytes
-    /// as soon as the connection may send them, and reports them as output.
-    fn step(&mut self, mut write: Option<&[&[u8]]>) -> io::Result<Step> {
+    /// as soon as the connection may send them, and reports them as output. After an error,
+    /// every step is one.
+    fn step(&mut self, write: Option<&[&[u8]]>) -> io::Result<Step> {
+        if self.failed {
+            return Err(invalid_data("the TLS connection failed earlier"));
+        }
+        let step = self.advance(write);
+        self.failed = step.is_err();
+        step
+    }
+
+    fn advance(&mut self, mut write: Option<&[&[u8]]>) -> io::Result<Step> {
         loop {
             let status = self.connection.process_tls_records(&mut self.incoming);
             let mut discard = status.discard;
@@ -235,6 +250,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl<IO> TlsStream<IO> {
+    /// The bytes allocated for the incoming TLS, the decrypted and the outgoing TLS buffers:
+    /// what a connection costs beyond rustls's state, which the fuzz targets hold to a bound.
+    pub(crate) fn buffer_capacities(&self) -> [usize; 3] {
+        [
+            self.incoming.capacity(),
+            self.plaintext.capacity(),
+            self.outgoing.capacity(),
+        ]
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -323,7 +351,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_send(cx))?;
-        if !this.close_notify_sent {
+        // After an error rustls has queued its fatal alert instead, which nothing sends: the
+        // connection closes without a close_notify.
+        if !this.close_notify_sent && !this.failed {
             this.close_notify_sent = true;
             let status = this.connection.process_tls_records(&mut this.incoming);
             let discard = status.discard;
@@ -447,6 +477,40 @@ mod tests {
         let mut expected = response;
         expected.extend_from_slice(b"abc\r\n");
         assert_eq!(client.await.unwrap(), expected);
+    }
+
+    /// Found by `fuzz/`'s `tls_stream`: after a record that fails to decrypt, the next write
+    /// (an event on its way) handed rustls the same record again, and rustls, which had already
+    /// answered it with a fatal alert, panicked on a debug assertion.
+    #[tokio::test]
+    async fn after_a_forged_record_reads_writes_and_closing_fail_cleanly() {
+        let (server_config, client_config) = configs();
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (accepted, handshake_over) = tokio::sync::oneshot::channel();
+        let client = tokio::spawn(async move {
+            let connector = tokio_rustls::TlsConnector::from(client_config);
+            let name = ServerName::try_from("localhost").unwrap();
+            let tls = connector.connect(name, client_io).await.unwrap();
+            let (mut raw, _) = tls.into_inner();
+            handshake_over.await.unwrap();
+            // Application data whose authentication tag cannot verify.
+            let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+            record.extend_from_slice(&[0xa5; 0x20]);
+            raw.write_all(&record).await.unwrap();
+            let mut rest = Vec::new();
+            raw.read_to_end(&mut rest).await.unwrap();
+        });
+        let mut stream = accept(server_io, server_config).await.unwrap();
+        accepted.send(()).unwrap();
+        let mut buffer = [0; 64];
+        let error = stream.read(&mut buffer).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        let error = stream.write_all(b"event: x\n\n").await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        assert!(stream.read(&mut buffer).await.is_err());
+        stream.shutdown().await.unwrap();
+        drop(stream);
+        client.await.unwrap();
     }
 
     #[tokio::test]

@@ -45,6 +45,18 @@ impl SseClient {
         path: &str,
         extra_headers: &[(&str, &str)],
     ) -> std::io::Result<Self> {
+        Self::try_raw(addr, &request_head(addr, method, path, extra_headers)).await
+    }
+
+    /// Sends `request` as it is, bytes a well-behaved client would not send included, and
+    /// reads the response head.
+    pub async fn raw(addr: SocketAddr, request: &[u8]) -> Self {
+        timeout(Self::try_raw(addr, request))
+            .await
+            .unwrap_or_else(|err| panic!("{:?}: {err}", text(request)))
+    }
+
+    async fn try_raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
         let mut client = Self {
             reader: BufReader::new(stream),
@@ -52,8 +64,7 @@ impl SseClient {
             headers: Vec::new(),
             chunked: false,
         };
-        let head = request_head(addr, method, path, extra_headers);
-        client.reader.get_mut().write_all(&head).await?;
+        client.reader.get_mut().write_all(request).await?;
         client.try_read_response_head().await?;
         Ok(client)
     }
