@@ -339,6 +339,15 @@ async fn rfc9113_5_1_frames_are_checked_against_their_streams_state() {
         client.send(&idle).await.unwrap();
         expect_goaway(&mut client, PROTOCOL_ERROR).await;
     }
+    // Even streams are the server's, and it opens none: idle, whatever the client opened.
+    // (Found by the h2_connection fuzz target: a stream error there got RST_STREAM.)
+    let mut client = RawH2::connect(service.addr, &[]).await;
+    subscribe(&mut client, 5, "env").await;
+    client
+        .send(&frame(WINDOW_UPDATE, 0, 2, &0_u32.to_be_bytes()))
+        .await
+        .unwrap();
+    expect_goaway(&mut client, PROTOCOL_ERROR).await;
     // A stream identifier that goes back (§5.1.1).
     let mut client = RawH2::connect(service.addr, &[]).await;
     subscribe(&mut client, 5, "env").await;

@@ -140,9 +140,10 @@ impl Recent {
     }
 
     /// The state of a stream that is neither open nor half-closed: idle above `last_stream`,
-    /// the highest opened so far.
+    /// the highest the client opened so far, and idle if even: those are the service's to
+    /// open (RFC 9113 §5.1.1), and it opens none.
     pub fn state_of(&self, stream: u32, last_stream: u32) -> State {
-        if stream > last_stream {
+        if stream > last_stream || stream.is_multiple_of(2) {
             return State::Idle;
         }
         let remembered = self.closed.iter().rev().find(|(id, _)| *id == stream);
@@ -314,6 +315,6 @@ mod tests {
         assert_eq!(recent.state_of(99, 99), State::Closed(Closed::ResetHere));
         assert_eq!(recent.state_of(31, 99), State::Closed(Closed::Ended));
         assert_eq!(recent.state_of(1, 99), State::Closed(Closed::Forgotten));
-        assert_eq!(recent.state_of(2, 99), State::Closed(Closed::Forgotten));
+        assert_eq!(recent.state_of(2, 99), State::Idle);
     }
 }
