@@ -158,7 +158,7 @@ fn field(name: &str, value: &str, out: &mut Vec<u8>) {
 
 fn block(request: &Request) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut pseudo = |method: &str, path: &str, out: &mut Vec<u8>| {
+    let pseudo = |method: &str, path: &str, out: &mut Vec<u8>| {
         field(":method", method, out);
         field(":scheme", "http", out);
         field(":authority", "localhost", out);
@@ -336,7 +336,10 @@ fn check(written: &[u8], windows: &Windows, broken_preface: bool) {
             }
         }
         let on_stream = || {
-            assert!(stream % 2 == 1, "frame type {kind} on stream {stream}");
+            assert!(
+                !stream.is_multiple_of(2),
+                "frame type {kind} on stream {stream}"
+            );
         };
         match kind {
             0x0 | 0x1 => {
@@ -394,7 +397,7 @@ fn check(written: &[u8], windows: &Windows, broken_preface: bool) {
                 assert!(if flags & 0x1 != 0 {
                     length == 0
                 } else {
-                    length % 6 == 0
+                    length.is_multiple_of(6)
                 });
             }
             0x6 => assert!(stream == 0 && length == 8),

@@ -68,12 +68,16 @@ const VALUES: &[&str] = &[
     "\x7f",
 ];
 
+/// A field: a name and a value from the lists above (or the value given), as a literal with
+/// incremental indexing or without.
+type Field = (u8, u8, bool, Option<Vec<u8>>);
+
 #[derive(Debug, Arbitrary)]
 enum Input {
     Raw(Vec<Vec<u8>>),
-    Lists(Vec<Vec<(u8, u8, bool, Option<Vec<u8>>)>>),
+    Lists(Vec<Vec<Field>>),
     /// A size update, then a list.
-    Resized(u32, Vec<(u8, u8, bool, Option<Vec<u8>>)>),
+    Resized(u32, Vec<Field>),
 }
 
 fn integer(first: u8, prefix: u32, value: usize, out: &mut Vec<u8>) {
@@ -99,7 +103,7 @@ fn literal(name: &[u8], value: &[u8], indexed: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(value);
 }
 
-fn encode(fields: &[(u8, u8, bool, Option<Vec<u8>>)], out: &mut Vec<u8>) {
+fn encode(fields: &[Field], out: &mut Vec<u8>) {
     for (name, value, indexed, raw) in fields {
         let name = NAMES[usize::from(*name) % NAMES.len()].as_bytes();
         let value = match raw {
