@@ -8,22 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use tokio::process::Command;
 
 const NODE: &str = "node";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn describe(output: &Output) -> String {
-    format!(
-        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        common::text(&output.stdout),
-        common::text(&output.stderr)
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn js_sdk_reads_past_the_opening_comment_and_sees_a_change_within_a_second() {
@@ -49,21 +39,9 @@ async fn js_sdk_reads_past_the_opening_comment_and_sees_a_change_within_a_second
         .await
         .unwrap_or_else(|_| panic!("the JS SDK check did not finish within {SCRIPT_TIMEOUT:?}"))
         .expect("run the JS SDK check");
-    let report = describe(&output);
-    assert!(output.status.success(), "JS SDK check failed\n{report}");
-
-    let stdout = common::text(&output.stdout);
-    let last_line = stdout.lines().last().unwrap_or_default();
-    let result: serde_json::Value = serde_json::from_str(last_line)
-        .unwrap_or_else(|err| panic!("last stdout line is not JSON ({err})\n{report}"));
-    println!("JS SDK check: {last_line}");
-    assert_eq!(result["ok"], true, "{report}");
-    let seconds = result["seconds"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no seconds in the result\n{report}"));
-    assert!(seconds < 1.0, "took {seconds} s\n{report}");
+    let result = common::sdk_result(&output, "JS SDK");
     // The flags at start, and once more for the change.
-    assert_eq!(result["flag_fetches"], 2, "{report}");
+    assert_eq!(result["flag_fetches"], 2, "{}", common::describe(&output));
 
     service.stop().await;
 }

@@ -6,22 +6,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use tokio::process::Command;
 
 const PYTHON: &str = "python3";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn describe(output: &Output) -> String {
-    format!(
-        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        output.status,
-        common::text(&output.stdout),
-        common::text(&output.stderr)
-    )
-}
 
 /// A missing SDK fails the test: skipping would let the suite pass without testing anything.
 async fn require_sdk() {
@@ -34,7 +24,7 @@ async fn require_sdk() {
         output.status.success(),
         "the Flagsmith Python SDK is not importable; run \
          `pip install -r tests/python/requirements.txt`\n{}",
-        describe(&output)
+        common::describe(&output)
     );
 }
 
@@ -69,19 +59,7 @@ async fn sdk_sees_a_change_within_a_second(config: flagsmith_sse::Config) {
             )
         })
         .expect("run the SDK check");
-    let report = describe(&output);
-    assert!(output.status.success(), "SDK check failed\n{report}");
-
-    let stdout = common::text(&output.stdout);
-    let last_line = stdout.lines().last().unwrap_or_default();
-    let result: serde_json::Value = serde_json::from_str(last_line)
-        .unwrap_or_else(|err| panic!("last stdout line is not JSON ({err})\n{report}"));
-    println!("python SDK check: {last_line}");
-    assert_eq!(result["ok"], true, "{report}");
-    let seconds = result["seconds"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no seconds in the result\n{report}"));
-    assert!(seconds < 1.0, "took {seconds} s\n{report}");
+    common::sdk_result(&output, "python SDK");
 
     service.stop().await;
 }

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use arbitrary::{Arbitrary, Unstructured};
 use flagsmith_sse::fuzzing::{H2_TOKEN, h2_serve};
+use flagsmith_sse_fuzz::hpack_literal;
 use libfuzzer_sys::fuzz_target;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -133,27 +134,9 @@ const VALUES: &[&str] = &[
     "/metricsz",
 ];
 
-fn integer(first: u8, prefix: u32, value: usize, out: &mut Vec<u8>) {
-    let limit = (1_usize << prefix) - 1;
-    if value < limit {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | limit as u8);
-    let mut rest = value - limit;
-    while rest >= 128 {
-        out.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    out.push(rest as u8);
-}
-
+/// A field as a literal without indexing: these inputs leave the dynamic table empty.
 fn field(name: &str, value: &str, out: &mut Vec<u8>) {
-    out.push(0x00);
-    integer(0, 7, name.len(), out);
-    out.extend_from_slice(name.as_bytes());
-    integer(0, 7, value.len(), out);
-    out.extend_from_slice(value.as_bytes());
+    hpack_literal(name.as_bytes(), value.as_bytes(), false, out);
 }
 
 fn block(request: &Request) -> Vec<u8> {

@@ -18,6 +18,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use flagsmith_sse::fuzzing::{H2Block, h2_requests};
+use flagsmith_sse_fuzz::{hpack_integer, hpack_literal};
 use libfuzzer_sys::fuzz_target;
 
 const NAMES: &[&str] = &[
@@ -80,29 +81,6 @@ enum Input {
     Resized(u32, Vec<Field>),
 }
 
-fn integer(first: u8, prefix: u32, value: usize, out: &mut Vec<u8>) {
-    let limit = (1_usize << prefix) - 1;
-    if value < limit {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | limit as u8);
-    let mut rest = value - limit;
-    while rest >= 128 {
-        out.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    out.push(rest as u8);
-}
-
-fn literal(name: &[u8], value: &[u8], indexed: bool, out: &mut Vec<u8>) {
-    out.push(if indexed { 0x40 } else { 0x00 });
-    integer(0, 7, name.len(), out);
-    out.extend_from_slice(name);
-    integer(0, 7, value.len(), out);
-    out.extend_from_slice(value);
-}
-
 fn encode(fields: &[Field], out: &mut Vec<u8>) {
     for (name, value, indexed, raw) in fields {
         let name = NAMES[usize::from(*name) % NAMES.len()].as_bytes();
@@ -110,7 +88,7 @@ fn encode(fields: &[Field], out: &mut Vec<u8>) {
             Some(raw) => &raw[..],
             None => VALUES[usize::from(*value) % VALUES.len()].as_bytes(),
         };
-        literal(name, value, *indexed, out);
+        hpack_literal(name, value, *indexed, out);
     }
 }
 
@@ -230,7 +208,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Input::Resized(size, list) => {
             let mut block = Vec::new();
-            integer(0x20, 5, size as usize, &mut block);
+            hpack_integer(0x20, 5, size as usize, &mut block);
             encode(&list, &mut block);
             blocks.push(block);
         }

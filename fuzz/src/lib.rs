@@ -285,3 +285,30 @@ pub fn records(mut bytes: &[u8]) -> Vec<Vec<u8>> {
 pub fn pattern(offset: usize) -> u8 {
     (offset % 251) as u8 ^ (offset / 251 % 256) as u8
 }
+
+/// An HPACK integer with a `prefix`-bit prefix whose other bits are `first` (RFC 7541 §5.1),
+/// written from the RFC for the HTTP/2 targets, not taken from the service they check.
+pub fn hpack_integer(first: u8, prefix: u32, value: usize, out: &mut Vec<u8>) {
+    let limit = (1_usize << prefix) - 1;
+    if value < limit {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | limit as u8);
+    let mut rest = value - limit;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// A header field as a literal with a literal name and no Huffman coding (RFC 7541 §6.2),
+/// added to the dynamic table if `indexed`.
+pub fn hpack_literal(name: &[u8], value: &[u8], indexed: bool, out: &mut Vec<u8>) {
+    out.push(if indexed { 0x40 } else { 0x00 });
+    hpack_integer(0, 7, name.len(), out);
+    out.extend_from_slice(name);
+    hpack_integer(0, 7, value.len(), out);
+    out.extend_from_slice(value);
+}

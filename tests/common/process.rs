@@ -90,3 +90,31 @@ pub fn wait_for_tcp(addr: SocketAddr) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An SDK check script's output, for a failure message.
+pub fn describe(output: &std::process::Output) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        super::text(&output.stdout),
+        super::text(&output.stderr)
+    )
+}
+
+/// The JSON result an SDK check script prints last, once it succeeded and saw the change
+/// within a second; `name` is what the failure messages call it.
+pub fn sdk_result(output: &std::process::Output, name: &str) -> serde_json::Value {
+    let report = describe(output);
+    assert!(output.status.success(), "{name} check failed\n{report}");
+    let stdout = super::text(&output.stdout);
+    let last_line = stdout.lines().last().unwrap_or_default();
+    let result: serde_json::Value = serde_json::from_str(last_line)
+        .unwrap_or_else(|err| panic!("last stdout line is not JSON ({err})\n{report}"));
+    println!("{name} check: {last_line}");
+    assert_eq!(result["ok"], true, "{report}");
+    let seconds = result["seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no seconds in the result\n{report}"));
+    assert!(seconds < 1.0, "took {seconds} s\n{report}");
+    result
+}
